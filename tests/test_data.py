@@ -1,0 +1,286 @@
+"""Shard building, split policy and the deterministic batch loader (tiny fake tokenizer, no real model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tidar import data
+from tidar.data import DataError, TokenShards, batch_at, build_shards, resolve_source, val_batches
+
+
+class ByteTokenizer:
+    """One id per UTF-8 byte, shifted by 1 so that id 0 is free for eos; handles lists like a fast tokenizer."""
+
+    eos_token_id = 0
+    name_or_path = "bytes"
+
+    def __len__(self) -> int:
+        return 257
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b + 1 for b in text.encode("utf-8")]
+
+    def __call__(self, text, add_special_tokens: bool = False):
+        texts = [text] if isinstance(text, str) else text
+        ids = [self.encode(t) for t in texts]
+        return {"input_ids": ids[0] if isinstance(text, str) else ids}
+
+
+class EncodeOnlyTokenizer:
+    """No __call__, a huge vocab: exercises the .encode fallback and the uint32 path."""
+
+    eos_token_id = 70000
+    vocab_size = 70001
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [69000 + b for b in text.encode("utf-8")]
+
+
+def _decode(ids: np.ndarray) -> list[str]:
+    """Split a byte-token stream at eos back into documents."""
+    out, cur = [], []
+    for t in ids.tolist():
+        if t == 0:
+            out.append(bytes(cur).decode("utf-8"))
+            cur = []
+        else:
+            cur.append(t - 1)
+    assert not cur
+    return out
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    (root / "pkg" / "tests").mkdir(parents=True)
+    for i in range(20):
+        (root / "pkg" / f"mod{i:02d}.py").write_text(f"def f{i}():\n    return {i}\n")
+    (root / "pkg" / "tests" / "test_a.py").write_text("assert True\n")
+    (root / "notes.md").write_text("# notes\n")
+    (root / "blob.bin.txt").write_bytes(b"\xff\xfe\x00garbage")  # text suffix, binary content
+    (root / "image.png").write_bytes(b"\x89PNG")  # not a text suffix: never listed
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "x.py").write_text("cached = 1\n")
+    return root
+
+
+def test_build_roundtrip_and_index(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    idx = build_shards([str(corpus)], ByteTokenizer(), out, val_fraction=0.1, seed=3, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "train.bin", "val.bin"]  # no temp files left
+    on_disk = json.loads((out / "index.json").read_text())
+    assert on_disk == idx
+    assert idx["dtype"] == "uint16" and idx["eos_id"] == 0 and idx["vocab_size"] == 257
+    assert idx["skipped"]["undecodable"] == 1
+    sh = TokenShards(out)
+    train, val = sh.split("train"), sh.split("val")
+    assert isinstance(train, np.memmap) and not train.flags.writeable
+    assert len(train) == idx["train"]["tokens"] and len(val) == idx["val"]["tokens"]
+    # 23 text-suffix files, one undecodable: 10% -> 2 val files, the rest in train, none in both
+    assert len(idx["val"]["files"]) + len(idx["train"]["files"]) == 22 and len(idx["val"]["files"]) in (1, 2)
+    assert not set(idx["val"]["files"]) & set(idx["train"]["files"])
+    assert not any("__pycache__" in f or "png" in f for f in idx["train"]["files"] + idx["val"]["files"])
+    # every document round-trips, in the recorded file order
+    docs = _decode(np.asarray(val))
+    for name, doc in zip(idx["val"]["files"], docs, strict=True):
+        assert (corpus / name.split(":", 1)[1]).read_text() == doc
+
+
+def test_build_is_deterministic_and_seed_dependent(corpus: Path, tmp_path: Path) -> None:
+    a = build_shards([str(corpus)], ByteTokenizer(), tmp_path / "a", val_fraction=0.2, seed=1, progress=False)
+    b = build_shards([str(corpus)], ByteTokenizer(), tmp_path / "b", val_fraction=0.2, seed=1, progress=False)
+    c = build_shards([str(corpus)], ByteTokenizer(), tmp_path / "c", val_fraction=0.2, seed=2, progress=False)
+    for f in ("train.bin", "val.bin", "index.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    assert a["val"]["files"] == b["val"]["files"] != c["val"]["files"]
+
+
+def test_val_split_by_file_never_stdlib_tests(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    for d in ("test", "tests", "pkg/test", "idlelib/idle_test"):
+        (lib / d).mkdir(parents=True)
+        for i in range(5):
+            (lib / d / f"case{i}.py").write_text(f"x = {i}\n")
+    for i in range(5):
+        (lib / f"test_mod{i}.py").write_text("t = 1\n")
+        (lib / f"mod{i}.py").write_text("m = 1\n")
+    (lib / "site-packages").mkdir()
+    (lib / "site-packages" / "foreign.py").write_text("f = 1\n")
+    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"stdlib": str(lib)})
+    assert len(resolve_source("stdlib")) == 30
+    val_sets = set()
+    for seed in range(12):
+        # 0.5 of 30 files wants 15 val files but only the 5 non-test modules are eligible
+        idx = build_shards(
+            ["stdlib"], ByteTokenizer(), tmp_path / f"s{seed}", val_fraction=0.5, seed=seed, progress=False
+        )
+        val = idx["val"]["files"]
+        assert val and all(f.startswith("stdlib:mod") for f in val)
+        assert len(idx["train"]["files"]) == 30 - len(val)
+        val_sets.add(frozenset(val))
+        idx = build_shards(
+            ["stdlib"], ByteTokenizer(), tmp_path / f"t{seed}", val_fraction=0.05, seed=seed, progress=False
+        )
+        assert len(idx["val"]["files"]) == 2 and all(f.startswith("stdlib:mod") for f in idx["val"]["files"])
+    assert len(val_sets) == 1  # all 5 eligible were taken each time
+    assert next(iter(val_sets)) == {f"stdlib:mod{i}.py" for i in range(5)}
+
+
+def test_min_one_val_file_and_max_tokens(tmp_path: Path) -> None:
+    d = tmp_path / "two"
+    d.mkdir()
+    (d / "a.txt").write_text("a" * 50)
+    (d / "b.txt").write_text("b" * 50)
+    idx = build_shards([str(d)], ByteTokenizer(), tmp_path / "o", val_fraction=0.001, progress=False)
+    assert len(idx["val"]["files"]) == 1 and len(idx["train"]["files"]) == 1
+    assert idx["train"]["tokens"] == 51 and idx["val"]["tokens"] == 51
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"row {i} " * 10}) + "\n" for i in range(40)) + "\n")
+    idx = build_shards([str(rows)], ByteTokenizer(), tmp_path / "j", val_fraction=0.1, max_tokens=200, progress=False)
+    assert idx["train"]["tokens"] == 200 and len(idx["val"]["files"]) == 4
+    assert len(TokenShards(tmp_path / "j").split("train")) == 200
+
+
+def test_uint32_and_encode_fallback(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("hello")
+    idx = build_shards([str(d)], EncodeOnlyTokenizer(), tmp_path / "o", progress=False)
+    assert idx["dtype"] == "uint32" and idx["val"]["tokens"] == 0
+    tr = TokenShards(tmp_path / "o").split("train")
+    assert tr.dtype == np.uint32 and tr.tolist() == [69000 + b for b in b"hello"] + [70000]
+    assert len(TokenShards(tmp_path / "o").split("val")) == 0
+
+
+def test_crash_leaves_no_complete_shard(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    build_shards([str(corpus)], ByteTokenizer(), out, progress=False)
+
+    class Boom(ByteTokenizer):
+        def __call__(self, text, add_special_tokens=False):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        build_shards([str(corpus)], Boom(), out, progress=False)
+    assert not (out / "index.json").exists()
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    with pytest.raises(DataError, match="build shards first"):
+        TokenShards(out)
+
+
+def test_token_shards_errors(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    build_shards([str(corpus)], ByteTokenizer(), out, progress=False)
+    sh = TokenShards(out)
+    with pytest.raises(DataError, match="unknown split"):
+        sh.split("test")
+    (out / "index.json").write_text("{not json")
+    with pytest.raises(DataError, match="corrupt"):
+        TokenShards(out)
+    idx = build_shards([str(corpus)], ByteTokenizer(), out, progress=False)
+    idx["train"]["tokens"] += 1
+    (out / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(DataError, match="rebuild"):
+        TokenShards(out)
+
+
+def test_source_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no documents"):
+        resolve_source(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_source(str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="unknown source"):
+        resolve_source("wikipedia")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": broken\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        resolve_source(str(bad))
+    bad.write_text('{"text": "ok"}\n{"body": "x"}\n')
+    with pytest.raises(DataError, match=r":2: .*\"text\" field"):
+        resolve_source(str(bad))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "a.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(DataError, match="could be read"):
+        build_shards([str(tmp_path / "bin")], ByteTokenizer(), tmp_path / "o", progress=False)
+    with pytest.raises(DataError, match="val_fraction"):
+        build_shards([str(bad)], ByteTokenizer(), tmp_path / "o", val_fraction=1.5, progress=False)
+
+
+def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        data.main(["build", "--sources", "nope", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown source 'nope'") and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        data.main(["info", str(tmp_path)])
+    assert e.value.code == 2
+
+
+def test_batch_at_deterministic_and_ddp_disjoint() -> None:
+    tokens = np.arange(10_000, dtype=np.uint16)  # token == position: windows are easy to check
+    b = batch_at(tokens, step=7, batch_size=4, seq_len=16, seed=5)
+    assert b.dtype == torch.long and b.shape == (4, 16)
+    assert torch.equal(b, batch_at(tokens, step=7, batch_size=4, seq_len=16, seed=5))
+    assert (b[:, 1:] - b[:, :-1] == 1).all()  # contiguous windows
+    assert not torch.equal(b, batch_at(tokens, step=8, batch_size=4, seq_len=16, seed=5))
+    assert not torch.equal(b, batch_at(tokens, step=7, batch_size=4, seq_len=16, seed=6))
+    world = 3
+    ranks = [batch_at(tokens, 7, 4, 16, 5, rank=r, world_size=world) for r in range(world)]
+    glob = batch_at(tokens, 7, 4 * world, 16, 5)
+    assert torch.equal(torch.cat(ranks), glob)
+    starts = [set(r[:, 0].tolist()) for r in ranks]
+    assert all(not (starts[i] & starts[j]) for i in range(world) for j in range(i + 1, world))
+    # the last window may end exactly at the end of the split
+    small = np.arange(17, dtype=np.uint16)
+    assert batch_at(small, 0, 64, 16, 0)[:, 0].max() <= 1
+    with pytest.raises(DataError, match="seq_len"):
+        batch_at(np.arange(16, dtype=np.uint16), 0, 1, 16, 0)
+    with pytest.raises(DataError):
+        batch_at(tokens, 0, 1, 16, 0, rank=3, world_size=3)
+
+
+def test_val_batches() -> None:
+    tokens = np.arange(1000, dtype=np.uint16)
+    all_b = list(val_batches(tokens, seq_len=10, batch_size=8))
+    assert [b.shape[0] for b in all_b] == [8] * 12 + [4]  # 100 windows
+    flat = torch.cat(all_b).flatten()
+    assert torch.equal(flat, torch.arange(1000))  # contiguous, non-overlapping, complete
+    few = list(val_batches(tokens, seq_len=10, batch_size=4, max_batches=2))
+    assert len(few) == 2 and all(b.shape == (4, 10) for b in few)
+    starts = torch.cat(few)[:, 0].tolist()
+    assert starts == sorted(set(starts)) and starts[-1] >= 800  # spread over the split
+    assert [b.tolist() for b in few] == [b.tolist() for b in val_batches(tokens, 10, 4, 2)]
+    with pytest.raises(DataError):
+        list(val_batches(np.zeros(5, dtype=np.uint16), 10, 2))
+
+
+def test_split_survives_moving_the_corpus(corpus: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "elsewhere" / corpus.name
+    moved.parent.mkdir()
+    corpus.rename(moved)
+    a = build_shards([str(moved)], ByteTokenizer(), tmp_path / "a", val_fraction=0.2, progress=False)
+    moved.rename(corpus)
+    b = build_shards([str(corpus)], ByteTokenizer(), tmp_path / "b", val_fraction=0.2, progress=False)
+    assert [f.split(":")[1] for f in a["val"]["files"]] == [f.split(":")[1] for f in b["val"]["files"]]
+    assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
+
+
+@pytest.mark.skipif(not data.PYTHON_DOC_DIR.is_dir(), reason="python3.11-doc not installed")
+def test_python_doc_source() -> None:
+    items = resolve_source("python-doc")
+    assert len(items) > 100 and all(isinstance(p, Path) for p in items)
+
+
+@pytest.mark.skipif(not data.BIBLE_DATA.exists() or data.shutil.which("bible") is None, reason="bible-kjv missing")
+def test_bible_source() -> None:
+    books = resolve_source("bible")
+    assert len(books) == 66
+    assert books[0][0] == "bible:01 Genesis" and "1 In the beginning God created" in books[0][1]
+    assert books[-1][0] == "bible:66 Revelation"
