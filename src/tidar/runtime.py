@@ -1,0 +1,123 @@
+"""A loaded model plus its tokenizer and default operating point: the thin layer the CLI, bench and
+server share to turn text into tokens, run the decoding engine and turn tokens back into text."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import IO, Any
+
+import torch
+
+from tidar.decoding import GenerationConfig, GenerationError, TextStreamer, generate
+from tidar.model import Transformer
+from tidar.weights import MANIFEST_FILE, load_model, load_tokenizer, resolve_model_path
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TextResult:
+    text: str
+    tokens: list[int]
+    stats: dict[str, Any]
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+
+
+class Runtime:
+    def __init__(self, model: Transformer, tokenizer: Any, operating_point: dict[str, Any] | None = None,
+                 name: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.operating_point = operating_point or {}
+        self.name = name
+
+    @classmethod
+    def load(cls, name: str | None = None, dtype: str = "bfloat16") -> Runtime:
+        path = resolve_model_path(name)
+        model = load_model(path, dtype=DTYPE[dtype])
+        tokenizer = load_tokenizer(path)
+        op: dict[str, Any] = {}
+        manifest = path / MANIFEST_FILE
+        if manifest.exists():
+            op = json.loads(manifest.read_text()).get("operating_point", {})
+        return cls(model, tokenizer, op, name=str(path))
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = set(self.model.config.eos_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    def generation_config(self, args: Any = None, **overrides: Any) -> GenerationConfig:
+        """Defaults: the model's operating point, then CLI args / overrides on top."""
+        kw: dict[str, Any] = {"block_size": self.operating_point.get("block_size"),
+                              "policy": self.operating_point.get("policy", "all"),
+                              "policy_k": self.operating_point.get("policy_k", 2)}
+        if args is not None:
+            for k in ("mode", "max_new_tokens", "block_size", "policy", "policy_k", "beta", "do_sample",
+                      "temperature", "top_k", "top_p", "seed"):
+                v = getattr(args, k, None)
+                if v is not None:
+                    kw[k] = v
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        kw.setdefault("eos_token_id", self.eos_ids)
+        kw["eos_token_id"] = kw["eos_token_id"] or self.eos_ids
+        cfg = GenerationConfig(**kw)
+        cfg.validate()
+        return cfg
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise GenerationError("this model's tokenizer has no chat template; drop --chat")
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                     tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise GenerationError("the prompt is empty after tokenization")
+        return list(ids)
+
+    def generate_text(self, prompt: str, gen: GenerationConfig, chat: bool = False, stop: list[str] | None = None,
+                      stream: IO[str] | None = None) -> TextResult:
+        return self.generate_batch([prompt], gen, chat=chat, stop=stop, stream=stream)[0]
+
+    def generate_batch(self, prompts: list[str], gen: GenerationConfig, chat: bool = False,
+                       stop: list[str] | None = None, stream: IO[str] | None = None) -> list[TextResult]:
+        """Generate for several prompts in one batch; `stream` (batch of 1) gets text as committed."""
+        ids = [self.encode(p, chat) for p in prompts]
+        streamers = [TextStreamer(self.tokenizer, stop or []) for _ in prompts]
+
+        def on_tokens(i: int, toks: list[int]) -> int | None:
+            for n, t in enumerate(toks, 1):  # token by token, so nothing after a stop string is kept
+                text = streamers[i].push([t])
+                if stream is not None and text:
+                    stream.write(text)
+                    stream.flush()
+                if streamers[i].stopped:
+                    return n
+            return None
+
+        t0 = time.perf_counter()
+        out = generate(self.model, ids, gen, on_tokens=on_tokens)
+        wall = time.perf_counter() - t0
+        results = []
+        for i, s in enumerate(streamers):
+            tail = s.push([], final=True)
+            if stream is not None and tail:
+                stream.write(tail)
+                stream.flush()
+            toks = out.sequences[i]
+            hit_eos = bool(toks) and toks[-1] in self.eos_ids
+            text = s.text()
+            if s.stopped:
+                text = text[: s.shown]
+            stats = out.stats.as_dict()
+            stats["wall_s"] = round(wall, 4)
+            results.append(TextResult(text, toks, stats, "stop" if (hit_eos or s.stopped) else "length"))
+        return results

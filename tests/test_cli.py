@@ -1,0 +1,36 @@
+"""The command line: clear one-line errors and a non-zero exit code for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tidar.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tidar.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "must be >= 1"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "-3"], "must be >= 1"),
+    (["generate", "--prompt", "x", "--bogus"], "unrecognized arguments"),
+    (["generate", "--prompt", "x", "--dtype", "int4"], "dtype must be"),
+    (["nonsense"], "invalid choice"),
+])
+def test_argument_errors_are_one_line(args, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_empty_prompt_and_missing_model():
+    r = run("generate", "--prompt", "   ")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --prompt is empty: give the text to continue"
+    r = run("generate", "--prompt", "hi", "--model", "/no/such/dir")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,223 @@
+"""The decoding engine: lossless greedy, lossless sampling, batch == alone, exact cache rollback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from tidar.decoding import Decoder, GenerationConfig, GenerationError, TextStreamer, generate, speculative_accept, warp
+from tidar.masks import causal_mask
+
+
+def prompts(n: int, seed: int = 0, vocab: int = 97) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def ar(model, ps, n=24, **kw):
+    return generate(model, ps, GenerationConfig(mode="ar", max_new_tokens=n, **kw)).sequences
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("policy", ["all", "full", "topk"])
+def test_greedy_tidar_equals_ar_on_untrained_model(block_size, policy):
+    model = tiny_model(seed=block_size)
+    ps = prompts(12, seed=block_size)
+    expected = [ar(model, [p])[0] for p in ps]
+    for p, exp in zip(ps, expected, strict=True):
+        got = generate(model, [p], GenerationConfig(max_new_tokens=24, block_size=block_size, policy=policy))
+        assert got.sequences[0] == exp
+
+
+def test_greedy_equality_qwen2_style_model():
+    model = tiny_model(seed=5, attention_bias=True, model_type="qwen2", tie_word_embeddings=False)
+    for p in prompts(6, seed=9):
+        assert generate(model, [p], GenerationConfig(max_new_tokens=20, block_size=3)).sequences == ar(model, [p], 20)
+
+
+class OracleDecoder(Decoder):
+    """Drafts the true AR continuation, corrupted at a random offset: exercises full and partial
+    acceptance (incl. the all-accepted case where mask entries must not leak into the cache)."""
+
+    def __init__(self, model, cfg, reference, corrupt_prob):
+        super().__init__(model, cfg)
+        self.reference = reference
+        self.corrupt_prob = corrupt_prob
+        self.rng = torch.Generator().manual_seed(0)
+
+    def _new_draft(self, bonus, ar_at, block_logits, shift=None):
+        drafts, q = super()._new_draft(bonus, ar_at, block_logits, shift)
+        e = self.stats.generated_tokens  # the bonus is reference[e - 1]
+        true = self.reference[e: e + self.b - 1]
+        true = true + [0] * (self.b - 1 - len(true))
+        drafts[0, 1:] = torch.tensor(true)
+        if torch.rand(1, generator=self.rng) < self.corrupt_prob:
+            k = int(torch.randint(1, self.b, (1,), generator=self.rng)) if self.b > 1 else 0
+            if k:
+                drafts[0, k] = (drafts[0, k] + 1) % 97
+        return drafts, q
+
+
+@pytest.mark.parametrize("corrupt_prob", [0.0, 0.5])
+@pytest.mark.parametrize("policy", ["all", "full"])
+def test_greedy_equality_with_good_drafts_and_exact_cache(corrupt_prob, policy):
+    model = tiny_model(seed=1)
+    for p in prompts(5, seed=3):
+        ref = ar(model, [p], 40)[0]
+        dec = OracleDecoder(model, GenerationConfig(max_new_tokens=40, block_size=4, policy=policy), ref, corrupt_prob)
+        got = [t for step in dec.stream([p]) for t in step[0]]
+        assert got == ref
+        if corrupt_prob == 0.0:
+            assert dec.stats.tokens_per_forward > 3.0
+        # the cache holds exactly prompt + committed tokens: compare with a fresh causal prefill
+        n = dec.cache.length
+        committed = torch.tensor([p + ref])[:, :n]
+        fresh = Decoder(model, GenerationConfig(mode="ar", max_new_tokens=1))
+        from tidar.model import KVCache
+
+        cache = KVCache(model.config, 1, n, torch.float32)
+        with torch.no_grad():
+            model(committed, torch.arange(n)[None], causal_mask(n), cache=cache, offset=0)
+        assert dec.cache.valid[0, :n].all() and not dec.cache.valid[0, n:].any()
+        for layer in range(model.config.num_hidden_layers):
+            assert (dec.cache.k[layer][:, :, :n] - cache.k[layer]).abs().max() < 1e-5
+            assert (dec.cache.v[layer][:, :, :n] - cache.v[layer]).abs().max() < 1e-5
+        del fresh
+
+
+@pytest.mark.parametrize("policy", ["all", "full"])
+def test_batch_equals_alone(policy):
+    model = tiny_model(seed=2)
+    ps = prompts(5, seed=4)
+    cfg = dict(max_new_tokens=30, block_size=3, policy=policy)
+    batch = generate(model, ps, GenerationConfig(**cfg)).sequences
+    alone = [generate(model, [p], GenerationConfig(**cfg)).sequences[0] for p in ps]
+    assert batch == alone
+    assert batch == [ar(model, [p], 30)[0] for p in ps]
+
+
+def test_eos_ends_mid_block_like_ar():
+    model = tiny_model(seed=3)
+    p = prompts(1, seed=11)[0]
+    ref = ar(model, [p], 30)[0]
+    eos = ref[7]
+    cut = ref[: ref.index(eos) + 1]
+    for mode in ("ar", "tidar"):
+        got = generate(model, [p], GenerationConfig(mode=mode, max_new_tokens=30, eos_token_id=[eos], block_size=4))
+        assert got.sequences[0] == cut
+
+
+def test_bad_arguments():
+    model = tiny_model()
+    with pytest.raises(GenerationError):
+        generate(model, [[1, 2]], GenerationConfig(max_new_tokens=0))
+    with pytest.raises(GenerationError):
+        generate(model, [[]], GenerationConfig())
+    with pytest.raises(GenerationError):
+        generate(model, [[1]], GenerationConfig(policy="nope"))
+    with pytest.raises(GenerationError):
+        generate(model, [[1]], GenerationConfig(max_new_tokens=10_000))
+
+
+# -- sampling ------------------------------------------------------------------------------------
+def exact_two_token_dist(model, prompt, **warp_kw) -> torch.Tensor:
+    """p(t1, t2 | prompt) under AR sampling, computed exhaustively. (V, V)"""
+    V = model.config.vocab_size
+    with torch.no_grad():
+        n = len(prompt)
+        logits = model(torch.tensor([prompt]), torch.arange(n)[None], causal_mask(n))[0, -1]
+        p1 = warp(logits, **warp_kw)
+        seqs = torch.tensor([prompt + [t] for t in range(V)])
+        l2 = model(seqs, torch.arange(n + 1)[None], causal_mask(n + 1))[:, -1]
+        p2 = warp(l2, **warp_kw)
+    return p1[:, None] * p2
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    total = counts.sum()
+    expected = probs.flatten() * total
+    counts = counts.flatten().double()
+    big = expected >= 5
+    stat = ((counts[big] - expected[big]) ** 2 / expected[big]).sum()
+    rest_e, rest_c = expected[~big].sum(), counts[~big].sum()
+    if rest_e > 0:
+        stat += (rest_c - rest_e) ** 2 / rest_e
+    return float(stat), int(big.sum())  # df ~= cells - 1
+
+
+def sample_pairs(model, prompt, n, **cfg):
+    out = generate(model, [prompt] * n, GenerationConfig(do_sample=True, max_new_tokens=2, seed=1234, **cfg))
+    V = model.config.vocab_size
+    counts = torch.zeros(V, V)
+    for s in out.sequences:
+        counts[s[0], s[1]] += 1
+    return counts, out.stats
+
+
+# chi-square 99.9% quantile for df <= 64 is below 110; a wrong rule lands in the thousands
+THRESHOLD = 110.0
+
+
+@pytest.mark.parametrize("warp_kw", [dict(temperature=1.0), dict(temperature=0.8, top_k=5), dict(top_p=0.9)])
+def test_sampling_matches_ar_distribution(warp_kw):
+    model = tiny_model(seed=4, vocab_size=8)
+    model.init_weights(std=0.12, seed=4)
+    prompt = [1, 5, 2]
+    exact = exact_two_token_dist(model, prompt, **warp_kw)
+    for mode in ("ar", "tidar"):
+        counts, stats = sample_pairs(model, prompt, 4000, mode=mode, block_size=3, **warp_kw)
+        stat, cells = chi_square(counts, exact)
+        assert cells >= 20
+        assert stat < THRESHOLD, (mode, stat)
+        if mode == "tidar":  # both the accept and the reject branch were exercised
+            assert stats.acceptance_histogram[0] > 200 and stats.acceptance_histogram[1] > 200
+
+
+def test_sampling_test_detects_a_wrong_acceptance_rule(monkeypatch):
+    model = tiny_model(seed=4, vocab_size=8)
+    model.init_weights(std=0.12, seed=4)
+    prompt = [1, 5, 2]
+    exact = exact_two_token_dist(model, prompt)
+
+    def accept_everything(drafts, p, q, generator):
+        a, bonus = speculative_accept(drafts, p, q, generator)
+        return torch.full_like(a, drafts.shape[1]), bonus
+
+    monkeypatch.setattr("tidar.decoding.speculative_accept", accept_everything)
+    counts, _ = sample_pairs(model, prompt, 4000, mode="tidar", block_size=3)
+    stat, _ = chi_square(counts, exact)
+    assert stat > 3 * THRESHOLD
+
+
+def test_speculative_accept_rule_on_known_distributions():
+    # p = q: every draft is accepted; q puts mass where p has none: always rejected
+    V = 4
+    p = torch.tensor([[[0.1, 0.2, 0.3, 0.4]] * 3])
+    drafts = torch.tensor([[0, 2, 3]])
+    a, _ = speculative_accept(drafts, p, p.clone(), torch.Generator().manual_seed(0))
+    assert a.tolist() == [3]
+    p0 = torch.tensor([[[0.0, 0.5, 0.5, 0.0]] * 3])
+    q = torch.nn.functional.one_hot(torch.tensor([[0, 0, 0]]), V).float()
+    a, bonus = speculative_accept(torch.tensor([[1, 0, 0]]), p0, q, torch.Generator().manual_seed(0))
+    assert a.tolist() == [1] and bonus.item() in (1, 2)
+
+
+# -- streaming text ------------------------------------------------------------------------------
+class CharTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_text_streamer_stops_before_stop_string():
+    s = TextStreamer(CharTokenizer(), stop=["cde"])
+    shown = [s.push([i]) for i in range(6)]  # a b c d e f
+    assert "".join(shown) == "ab"
+    assert s.stopped and s.push([7]) == ""
+
+
+def test_streamed_chunks_concatenate_to_the_output():
+    s = TextStreamer(CharTokenizer(), stop=["zz"])
+    parts = [s.push([i]) for i in range(10)] + [s.push([], final=True)]
+    assert "".join(parts) == "abcdefghij"

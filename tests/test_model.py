@@ -1,0 +1,96 @@
+"""Model: parity with transformers on tiny random Llama/Qwen2, and the static KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from tidar.config import TidarConfig
+from tidar.masks import causal_mask, with_prefix
+from tidar.model import KVCache
+from tidar.weights import load_model, save_pretrained
+
+
+def _hf_model(kind: str, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common, rope_theta=5000.0, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**common, rope_theta=20000.0, tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # biases too: Qwen2's qkv bias must be exercised
+    model.eval()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_logits_match_transformers(kind, tmp_path):
+    hf = _hf_model(kind, tmp_path)
+    ours = load_model(tmp_path)
+    assert ours.config.model_type == kind
+    assert ours.config.attention_bias == (kind == "qwen2")
+    ids = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids, torch.arange(17)[None], causal_mask(17))
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_our_checkpoint_opens_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model()
+    save_pretrained(model, tmp_path / "ckpt")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    reloaded = load_model(tmp_path / "ckpt")
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(ids, torch.arange(9)[None], causal_mask(9))
+        assert (hf(ids).logits - ours).abs().max() < 1e-4
+        assert torch.equal(reloaded(ids, torch.arange(9)[None], causal_mask(9)), ours)
+    assert torch.equal(reloaded.mask_embed, model.mask_embed)
+
+
+def _step(model, cache, ids, offset):
+    T = ids.shape[1]
+    mask = with_prefix(causal_mask(T), cache.valid[:, :offset])
+    out = model(ids, torch.arange(offset, offset + T)[None], mask, cache=cache, offset=offset)
+    cache.valid[:, offset:offset + T] = True
+    cache.truncate(offset + T)
+    return out
+
+
+@torch.no_grad()
+def test_kv_cache_equals_recompute_including_rollback():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(0, 97, (1, 24), generator=g)
+    full = model(seq, torch.arange(24)[None], causal_mask(24))
+    cache = KVCache(model.config, 1, 64, torch.float32)
+    _step(model, cache, seq[:, :10], 0)
+    # write junk that must leave no trace after rollback (a rejected draft)
+    junk = torch.randint(0, 97, (1, 7), generator=g)
+    _step(model, cache, junk, 10)
+    cache.truncate(10)
+    outs = [_step(model, cache, seq[:, i:i + 1], i) for i in range(10, 16)]
+    outs.append(_step(model, cache, seq[:, 16:], 16))
+    got = torch.cat(outs, dim=1)
+    assert (got - full[:, 10:]).abs().max() < 1e-4  # float32 reduction order differs
+
+
+def test_config_roundtrip_and_errors(tmp_path):
+    cfg = TidarConfig(vocab_size=10, hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+    cfg.save(tmp_path)
+    again = TidarConfig.load(tmp_path)
+    assert again.hidden_size == 8 and again.mask_token_id == 10 and again.head_dim == 4
+    with pytest.raises(ValueError, match="multiple"):
+        TidarConfig(num_attention_heads=9, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="no config.json"):
+        TidarConfig.load(tmp_path / "missing")
