@@ -221,3 +221,27 @@ def test_streamed_chunks_concatenate_to_the_output():
     s = TextStreamer(CharTokenizer(), stop=["zz"])
     parts = [s.push([i]) for i in range(10)] + [s.push([], final=True)]
     assert "".join(parts) == "abcdefghij"
+
+
+def test_prompt_lookup_drafts_are_lossless_and_accepted_on_repetitive_text():
+    for p in prompts(6, seed=21):
+        model = tiny_model(seed=12)
+        ref = ar(model, [p], 60)[0]
+        out = generate(model, [p], GenerationConfig(max_new_tokens=60, block_size=4, lookup_ngram=2))
+        assert out.sequences[0] == ref
+    # a 16-token vocabulary makes greedy text repeat its n-grams: lookup drafts must then pay
+    model = tiny_model(seed=0, vocab_size=16)
+    base = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=80, block_size=4))
+    look = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=80, block_size=4, lookup_ngram=2))
+    assert look.sequences == base.sequences == [ar(model, [[1, 2, 3]], 80)[0]]
+    assert look.stats.tokens_per_forward > base.stats.tokens_per_forward
+
+
+def test_prompt_lookup_with_sampling_keeps_distribution():
+    model = tiny_model(seed=4, vocab_size=8)
+    model.init_weights(std=0.12, seed=4)
+    prompt = [1, 5, 2, 1, 5]
+    exact = exact_two_token_dist(model, prompt)
+    counts, _ = sample_pairs(model, prompt, 4000, mode="tidar", block_size=3, lookup_ngram=1)
+    stat, _ = chi_square(counts, exact)
+    assert stat < THRESHOLD

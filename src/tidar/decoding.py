@@ -46,6 +46,9 @@ class GenerationConfig:
     policy: str = "all"  # which acceptance lengths get a pre-draft block: all | full | topk
     policy_k: int = 2  # for "topk": how many acceptance lengths
     beta: float = 1.0  # trust in AR logits at commit time; 1.0 = lossless
+    # Prompt lookup: when the last `lookup_ngram` tokens occurred earlier in the context, draft what
+    # followed them there instead of the diffusion draft (0 = off). Drafts never change the output.
+    lookup_ngram: int = 0
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -64,6 +67,8 @@ class GenerationConfig:
             raise GenerationError(f"beta must be in [0, 1], got {self.beta}")
         if self.block_size is not None and self.block_size < 1:
             raise GenerationError(f"block_size must be >= 1, got {self.block_size}")
+        if self.lookup_ngram < 0:
+            raise GenerationError(f"lookup_ngram must be >= 0, got {self.lookup_ngram}")
 
 
 @dataclass
@@ -249,6 +254,12 @@ class Decoder:
         stats = self.stats = GenerationStats(acceptance_histogram=[0] * (b if tidar else 1))
         emitted = [0] * B
         done = self.done = [False] * B
+        n_gram = cfg.lookup_ngram
+        self.history = [list(p) for p in prompts]
+        self.ngram_index: list[dict[tuple[int, ...], int]] = [{} for _ in prompts]
+        if n_gram:
+            for i in range(B):
+                self._index_ngrams(i, 0)
 
         def emit(i: int, toks: list[int], step: bool = True) -> list[int]:
             if step and not done[i]:
@@ -261,6 +272,10 @@ class Decoder:
                 emitted[i] += 1
                 if t in self.eos or emitted[i] >= cfg.max_new_tokens:
                     done[i] = True
+            if n_gram and out:
+                start = len(self.history[i])
+                self.history[i].extend(out)
+                self._index_ngrams(i, start)
             stats.generated_tokens += len(out)
             stats.step_tokens += len(out) if step else 0
             return out
@@ -289,6 +304,7 @@ class Decoder:
         cache.truncate(n_max)
         last = self.logits(hidden[:, n_max - 1])  # (B, V)
         first = self._choose(last)  # d_1: the AR model's own next token
+        first_out = [emit(i, [int(first[i])], step=False) for i in range(B)]
         if tidar:
             block_logits = self.logits(hidden[:, n_max:])  # (B, b, V)
             drafts, q = self._new_draft(first, last, block_logits)
@@ -296,7 +312,7 @@ class Decoder:
             drafts, q = first[:, None], None
         stats.prefill_s = time.perf_counter() - t0
         t_start = time.perf_counter()
-        yield [emit(i, [int(first[i])], step=False) for i in range(B)]
+        yield first_out
 
         # ---- decode steps: one forward each
         while not all(done):
@@ -411,7 +427,33 @@ class Decoder:
             picks = block_logits[:, 1:].argmax(-1)
             picks = torch.where(usable[:, 1:], picks, torch.zeros_like(picks))
         drafts[:, 1:] = picks
+        if self.cfg.lookup_ngram:
+            self._lookup_drafts(drafts, q)
         return drafts, q
+
+    def _index_ngrams(self, i: int, start: int) -> None:
+        """Record, for every n-gram ending before position j >= start, that token j followed it."""
+        n, hist, index = self.cfg.lookup_ngram, self.history[i], self.ngram_index[i]
+        for j in range(max(start, n), len(hist)):
+            index[tuple(hist[j - n: j])] = j
+
+    def _lookup_drafts(self, drafts: torch.Tensor, q: torch.Tensor | None) -> None:
+        """Replace d_2.. by the continuation of the latest earlier occurrence of the context's last
+        n-gram (prompt lookup decoding); such drafts have a one-hot proposal distribution."""
+        n, b = self.cfg.lookup_ngram, self.b
+        for i, hist in enumerate(self.history):
+            if len(hist) < n:
+                continue
+            j = self.ngram_index[i].get(tuple(hist[-n:]))
+            if j is None:
+                continue
+            cont = hist[j: j + b - 1]  # what followed the n-gram there: drafts for d_2..
+            if not cont:
+                continue
+            k = len(cont)
+            drafts[i, 1: 1 + k] = torch.tensor(cont)
+            if q is not None:
+                q[i, 1: 1 + k] = F.one_hot(drafts[i, 1: 1 + k], q.shape[-1]).to(q.dtype)
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,

@@ -16,6 +16,9 @@ from torch import nn
 
 from tidar.config import AdapterConfig, TidarConfig
 
+# Which rows are [MASK] tokens: None (none), an int (rows from there on, per sequence), or a bool (B, T)
+MaskRows = int | torch.Tensor | None
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -40,15 +43,15 @@ class Linear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.lora_scale = alpha / rank
 
-    def forward(self, x: torch.Tensor, mask_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask_rows: MaskRows = None) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         if mask_rows is None or not hasattr(self, "lora_a"):
             return out
-        # The adapter only sees mask rows; clean rows keep the base output bit for bit.
-        idx = mask_rows
-        delta = F.linear(F.linear(x[idx], self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype)) * self.lora_scale
-        out = out.clone() if out.requires_grad else out
-        out[idx] = out[idx] + delta
+        # The adapter only sees mask rows; clean rows keep the base output bit for bit. Mask rows
+        # are usually a suffix of the sequence (an int start): a slice is far cheaper than a gather.
+        sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
+        delta = F.linear(F.linear(x[sel], self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype)) * self.lora_scale
+        out[sel] += delta
         return out
 
 
@@ -126,7 +129,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor,
-                mask_rows: torch.Tensor | None, cache: KVCache | None, offset: int) -> torch.Tensor:
+                mask_rows: MaskRows, cache: KVCache | None, offset: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x, mask_rows).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x, mask_rows).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -146,7 +149,7 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, mask_rows: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask_rows: MaskRows) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x, mask_rows)) * self.up_proj(x, mask_rows), mask_rows)
 
 
@@ -198,6 +201,17 @@ class Transformer(nn.Module):
         """The weights trained in adapter mode: LoRA branches and the [MASK] embedding."""
         return [p for n, p in self.named_parameters() if "lora_" in n or n == "mask_embed"]
 
+    @staticmethod
+    def mask_rows(is_mask: torch.Tensor) -> MaskRows:
+        n = is_mask.sum(-1)
+        k = int(n[0])
+        if k == 0 and not bool(n.any()):
+            return None
+        T = is_mask.shape[1]
+        if bool((n == k).all()) and bool(is_mask[:, T - k:].all()):
+            return T - k
+        return is_mask
+
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
@@ -219,7 +233,7 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
     ) -> torch.Tensor:
         x, is_mask = self.embed(input_ids)
-        mask_rows = is_mask if (self.has_adapter and is_mask.any()) else None
+        mask_rows = self.mask_rows(is_mask) if self.has_adapter else None
         if position_ids.shape[0] != x.shape[0]:
             position_ids = position_ids.expand(x.shape[0], -1)
         cos, sin = self.rope(position_ids, x.dtype)
