@@ -54,7 +54,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=["all", "full", "topk"], default=None,
                    help="which acceptance lengths get a pre-draft block (default: model's operating point)")
     p.add_argument("--policy-k", type=positive_int, default=None)
-    p.add_argument("--beta", type=float, default=1.0, help="trust in AR logits at commit time (1.0 = lossless)")
+    p.add_argument("--beta", type=float, default=None, help="trust in AR logits at commit time (1.0 = lossless)")
+    p.add_argument("--lookup-ngram", type=int, default=None,
+                   help="merge prompt-lookup drafts matching the last N tokens (0 = off)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=positive_int, default=None)
@@ -114,6 +116,10 @@ def build_parser() -> Parser:
     pr.add_argument("--prefix", type=positive_int, default=256, help="cached prefix length")
     pr.add_argument("--repeats", type=positive_int, default=5)
     pr.add_argument("--json", default=None, help="write the profile to this JSON file")
+    pr.add_argument("--choose", action="store_true",
+                    help="also measure draft acceptance and pick the block size / policy maximizing tokens/s")
+    pr.add_argument("--choose-block-sizes", type=lambda t: [positive_int(x) for x in t.split(",")], default=[2, 3, 4])
+    pr.add_argument("--lookup-ngram", type=int, default=0)
     pr.set_defaults(func=cmd_profile)
 
     for name, module, help_ in (

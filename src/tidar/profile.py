@@ -94,9 +94,35 @@ def choose_operating_point(profile: dict[int, float], offset_accept: Sequence[fl
     return {"best": rows[0], "candidates": rows}
 
 
+CALIBRATION_PROMPTS = [
+    'def mean(xs: list[float]) -> float:\n    """Return the arithmetic mean of xs."""\n',
+    "import os\n\n\ndef list_python_files(root):\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    "In the beginning God created the heaven and the earth.",
+]
+
+
+def offset_acceptance(histogram: Sequence[int]) -> list[float]:
+    """Conditional acceptance per draft offset from a histogram of acceptance lengths a = 1..b:
+    P(a >= k + 1 | a >= k) for k = 1..b-1."""
+    at_least = [sum(histogram[k:]) for k in range(len(histogram))]
+    return [at_least[k] / at_least[k - 1] if at_least[k - 1] else 0.0 for k in range(1, len(histogram))]
+
+
+def calibrate(runtime, block_size: int, max_new_tokens: int = 64, lookup_ngram: int = 0) -> list[float]:  # noqa: ANN001
+    """Acceptance statistics of this model's drafts on a few built-in code and prose prompts."""
+    hist = [0] * block_size
+    for prompt in CALIBRATION_PROMPTS:
+        gen = runtime.generation_config(block_size=block_size, policy="all", max_new_tokens=max_new_tokens,
+                                        lookup_ngram=lookup_ngram)
+        out = runtime.generate_text(prompt, gen)
+        hist = [h + c for h, c in zip(hist, out.stats["acceptance_histogram"], strict=True)]
+    return offset_acceptance(hist)
+
+
 def main(args: argparse.Namespace) -> int:
-    from tidar.runtime import DTYPE
-    from tidar.weights import load_model
+    from tidar.runtime import DTYPE, Runtime
+    from tidar.weights import load_model, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,6 +143,20 @@ def main(args: argparse.Namespace) -> int:
         print(f"{t:>10} {prof[t] * 1e3:>9.2f} {prof[t] / prof[tokens[0]]:>7.2f} {prof[t] * 1e3 / t:>9.2f}", flush=True)
     out = {"dtype": args.dtype, "threads": torch.get_num_threads(), "prefix": args.prefix,
            "latency_s": {str(k): v for k, v in prof.items()}}
+    if args.choose:
+        rt = Runtime(model, load_tokenizer(args.model))
+        b_max = max(args.choose_block_sizes)
+        acc = calibrate(rt, b_max, lookup_ngram=args.lookup_ngram)
+        choice = choose_operating_point(prof, acc, args.choose_block_sizes)
+        print("conditional acceptance by draft offset: " + ", ".join(f"{a:.2f}" for a in acc))
+        print(f"{'b':>3} {'policy':>7} {'tokens':>7} {'E[a]':>6} {'step ms':>8} {'exp tok/s':>10} {'vs AR':>6}")
+        for r in choice["candidates"]:
+            print(f"{r['block_size']:>3} {r['policy']:>7} {r['tokens']:>7} {r['expected_acceptance']:>6.2f} "
+                  f"{r['step_s'] * 1e3:>8.2f} {r['expected_tokens_per_s']:>10.1f} {r['expected_speedup_vs_ar']:>6.2f}")
+        best = choice["best"]
+        print(f"chosen operating point: block_size={best['block_size']} policy={best['policy']}")
+        out["offset_acceptance"] = acc
+        out["choice"] = choice
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
