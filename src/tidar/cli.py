@@ -129,6 +129,7 @@ def build_parser() -> Parser:
         ("bench", "tidar.bench", "side-by-side speed and quality benchmark"),
         ("eval", "tidar.evaluate", "HumanEval pass@1 and perplexity"),
         ("serve", "tidar.server", "OpenAI-compatible HTTP server"),
+        ("lm-eval", "tidar.lm_eval_adapter", "run lm-evaluation-harness with the tidar model"),
     ):
         s = sub.add_parser(name, help=help_, add_help=False)
         s.set_defaults(delegate=module)
@@ -138,7 +139,7 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] in ("train", "data", "plot", "bench", "eval", "serve"):
+    if argv and argv[0] in ("train", "data", "plot", "bench", "eval", "serve", "lm-eval"):
         import importlib
 
         module = parser.parse_args(argv[:1]).delegate

@@ -13,6 +13,7 @@ tokens than the batch maximum leaves invalid slots ("holes") that its attention 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -188,8 +189,8 @@ class Decoder:
         self.dtype = next(model.parameters()).dtype
         self.eos = set(config.eos_token_id or model.config.eos_ids)
         self.generator = torch.Generator(device="cpu")
-        if config.seed is not None:
-            self.generator.manual_seed(config.seed)
+        # an unseeded Generator always starts from the same state: seed it from the OS instead
+        self.generator.manual_seed(config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self._layouts: dict[tuple[int, ...], StepLayout] = {}
         self.accept_counts = torch.ones(self.b)  # running statistics for the top-k policy
 

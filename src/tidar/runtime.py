@@ -4,7 +4,9 @@ server share to turn text into tokens, run the decoding engine and turn tokens b
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -91,33 +93,53 @@ class Runtime:
     def generate_batch(self, prompts: list[str], gen: GenerationConfig, chat: bool = False,
                        stop: list[str] | None = None, stream: IO[str] | None = None) -> list[TextResult]:
         """Generate for several prompts in one batch; `stream` (batch of 1) gets text as committed."""
-        ids = [self.encode(p, chat) for p in prompts]
+
+        def write(i: int, text: str) -> None:
+            if stream is not None:
+                stream.write(text)
+                stream.flush()
+
+        return self.generate_ids([self.encode(p, chat) for p in prompts], gen, stop, on_text=write)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
+                     stop: Sequence[str] | None = None, on_text: Callable[[int, str], None] | None = None,
+                     on_start: Callable[[], None] | None = None,
+                     cancel: threading.Event | None = None) -> list[TextResult]:
+        """`Runtime.generate_batch` for already-tokenized prompts (chat templates with several
+        messages, token-id prompts). `on_text(i, text)` receives each sequence's text as its tokens
+        are committed; `on_start()` fires once after the prefill; setting `cancel` ends generation
+        at the next step (the client went away)."""
         streamers = [TextStreamer(self.tokenizer, stop or []) for _ in prompts]
+        started = False
 
         def on_tokens(i: int, toks: list[int]) -> int | None:
+            nonlocal started
+            if not started:
+                started = True
+                if on_start is not None:
+                    on_start()
+            if cancel is not None and cancel.is_set():
+                return 0
             for n, t in enumerate(toks, 1):  # token by token, so nothing after a stop string is kept
                 text = streamers[i].push([t])
-                if stream is not None and text:
-                    stream.write(text)
-                    stream.flush()
+                if text and on_text is not None:
+                    on_text(i, text)
                 if streamers[i].stopped:
                     return n
             return None
 
         t0 = time.perf_counter()
-        out = generate(self.model, ids, gen, on_tokens=on_tokens)
+        out = generate(self.model, [list(p) for p in prompts], gen, on_tokens=on_tokens)
         wall = time.perf_counter() - t0
+        eos = set(self.eos_ids)
         results = []
         for i, s in enumerate(streamers):
             tail = s.push([], final=True)
-            if stream is not None and tail:
-                stream.write(tail)
-                stream.flush()
+            if tail and on_text is not None:
+                on_text(i, tail)
             toks = out.sequences[i]
-            hit_eos = bool(toks) and toks[-1] in self.eos_ids
-            text = s.text()
-            if s.stopped:
-                text = text[: s.shown]
+            hit_eos = bool(toks) and toks[-1] in eos
+            text = s.text()[: s.shown] if s.stopped else s.text()
             stats = out.stats.as_dict()
             stats["wall_s"] = round(wall, 4)
             results.append(TextResult(text, toks, stats, "stop" if (hit_eos or s.stopped) else "length"))
