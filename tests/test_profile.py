@@ -1,6 +1,6 @@
-"""Operating-point choice from a latency profile and acceptance statistics (pure functions)."""
+"""Operating-point choice from a latency profile and measured acceptance (pure functions)."""
 
-from tidar.profile import choose_operating_point, expected_acceptance, interpolate, offset_acceptance
+from tidar.profile import choose_operating_point, expected_acceptance, interpolate, offset_acceptance, step_tokens
 
 
 def test_offset_acceptance_from_histogram():
@@ -14,10 +14,17 @@ def test_expected_acceptance():
     assert abs(expected_acceptance([0.5, 0.5], 3) - 1.75) < 1e-12
 
 
-def test_choice_prefers_cheap_steps_when_drafts_are_poor_and_long_blocks_when_good():
-    flat = {1: 0.010, 8: 0.011, 16: 0.012, 32: 0.02, 64: 0.04, 128: 0.08}
-    good = choose_operating_point(flat, [0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95], (2, 4, 8))["best"]
-    poor = choose_operating_point(flat, [0.05] * 7, (2, 4, 8))["best"]
-    assert good["block_size"] >= 4
-    assert poor["tokens"] <= 8
-    assert interpolate(flat, 12) == 0.0115
+def test_step_tokens_per_policy():
+    assert step_tokens(4, "all") == 20 and step_tokens(16, "all") == 272  # the paper's 272 at b=16
+    assert step_tokens(4, "full") == 12 and step_tokens(4, "topk", 1) == 12
+
+
+def test_choice_trades_acceptance_against_step_cost():
+    profile = {1: 0.010, 8: 0.011, 16: 0.012, 32: 0.02, 64: 0.04, 128: 0.08}
+    measured = [{"block_size": 4, "policy": "all", "tokens_per_forward": 1.5},   # 20 tokens: 0.0135 s
+                {"block_size": 4, "policy": "full", "tokens_per_forward": 1.4},  # 12 tokens: 0.0115 s
+                {"block_size": 8, "policy": "all", "tokens_per_forward": 1.6}]   # 72 tokens: 0.044 s
+    best = choose_operating_point(profile, measured)["best"]
+    assert (best["block_size"], best["policy"]) == (4, "full")
+    assert abs(best["expected_speedup_vs_ar"] - 1.4 / 0.0115 * 0.010) < 1e-9
+    assert interpolate(profile, 12) == 0.0115

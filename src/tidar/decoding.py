@@ -44,7 +44,7 @@ class GenerationConfig:
     eos_token_id: Sequence[int] = ()
     mode: str = "tidar"  # "tidar" | "ar"
     block_size: int | None = None  # draft length b; None = the model's trained block size
-    policy: str = "all"  # which acceptance lengths get a pre-draft block: all | full | topk
+    policy: str = "all"  # which acceptance lengths get a pre-draft block: all | full (1 and b) | topk (+1)
     policy_k: int = 2  # for "topk": how many acceptance lengths
     beta: float = 1.0  # trust in AR logits at commit time; 1.0 = lossless
     # Prompt lookup: when the last `lookup_ngram` tokens occurred earlier in the context, draft what
@@ -204,14 +204,16 @@ class Decoder:
         return lay
 
     def predraft_lengths(self) -> tuple[int, ...]:
+        """Acceptance lengths that get a pre-draft block. Every policy keeps a = 1: a block drafted
+        after d_1 still covers any larger a (shifted, shorter), so the next step always has a draft."""
         if self.cfg.mode == "ar":
             return ()
         if self.cfg.policy == "all":
             return tuple(range(1, self.b + 1))
-        if self.cfg.policy == "full":
-            return (self.b,)
+        if self.cfg.policy == "full":  # full acceptance + the a = 1 fallback: 2 blocks
+            return tuple(sorted({1, self.b}))
         k = min(self.cfg.policy_k, self.b)
-        return tuple(sorted(torch.topk(self.accept_counts, k).indices.add(1).tolist()))
+        return tuple(sorted({1} | set(torch.topk(self.accept_counts, k).indices.add(1).tolist())))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor, cache: KVCache,
                  offset: int) -> torch.Tensor:

@@ -69,27 +69,24 @@ def expected_acceptance(offset_accept: Sequence[float], b: int) -> float:
     return e
 
 
-def choose_operating_point(profile: dict[int, float], offset_accept: Sequence[float],
-                           block_sizes: Sequence[int] = (2, 3, 4, 6, 8), ar_latency: float | None = None) -> dict:
-    """Rank (b, policy) by expected tokens/s. 'all' pre-drafts every acceptance length (b + b*b
-    tokens); 'full' only a = b (2b tokens) and otherwise re-uses a shorter, shifted draft."""
+def step_tokens(block_size: int, policy: str, policy_k: int = 2) -> int:
+    """Query tokens of one TiDAR step: b drafts + b masks per pre-drafted acceptance length."""
+    blocks = {"all": block_size, "full": min(2, block_size), "topk": min(policy_k + 1, block_size)}[policy]
+    return block_size + block_size * blocks
+
+
+def choose_operating_point(profile: dict[int, float], measured: Sequence[dict], ar_latency: float | None = None) -> dict:
+    """Rank candidates by expected tokens/s = measured tokens per forward / step latency from the
+    profile. `measured`: dicts with block_size, policy, tokens_per_forward (from calibration runs)."""
     ar_latency = ar_latency if ar_latency is not None else interpolate(profile, 1)
     rows = []
-    for b in block_sizes:
-        ea_all = expected_acceptance(offset_accept, b)
-        rows.append({"block_size": b, "policy": "all", "tokens": b + b * b, "expected_acceptance": ea_all})
-        # 'full': after a partial acceptance the next draft is the bonus only (shorter drafts are
-        # approximated as acceptance 1 + that of the covered part): a pessimistic estimate.
-        p_full = 1.0
-        for k in range(1, b):
-            p_full *= offset_accept[min(k - 1, len(offset_accept) - 1)] if offset_accept else 0.0
-        ea_full = p_full * ea_all + (1 - p_full) * (1 + (ea_all - 1) * p_full)
-        rows.append({"block_size": b, "policy": "full", "tokens": 2 * b, "expected_acceptance": ea_full})
-    for r in rows:
-        lat = interpolate(profile, r["tokens"])
-        r["step_s"] = lat
-        r["expected_tokens_per_s"] = r["expected_acceptance"] / lat
+    for m in measured:
+        r = dict(m)
+        r["tokens"] = step_tokens(r["block_size"], r["policy"], r.get("policy_k", 2))
+        r["step_s"] = interpolate(profile, r["tokens"])
+        r["expected_tokens_per_s"] = r["tokens_per_forward"] / r["step_s"]
         r["expected_speedup_vs_ar"] = r["expected_tokens_per_s"] * ar_latency
+        rows.append(r)
     rows.sort(key=lambda r: -r["expected_tokens_per_s"])
     return {"best": rows[0], "candidates": rows}
 
@@ -109,15 +106,23 @@ def offset_acceptance(histogram: Sequence[int]) -> list[float]:
     return [at_least[k] / at_least[k - 1] if at_least[k - 1] else 0.0 for k in range(1, len(histogram))]
 
 
-def calibrate(runtime, block_size: int, max_new_tokens: int = 64, lookup_ngram: int = 0) -> list[float]:  # noqa: ANN001
-    """Acceptance statistics of this model's drafts on a few built-in code and prose prompts."""
-    hist = [0] * block_size
-    for prompt in CALIBRATION_PROMPTS:
-        gen = runtime.generation_config(block_size=block_size, policy="all", max_new_tokens=max_new_tokens,
-                                        lookup_ngram=lookup_ngram)
-        out = runtime.generate_text(prompt, gen)
-        hist = [h + c for h, c in zip(hist, out.stats["acceptance_histogram"], strict=True)]
-    return offset_acceptance(hist)
+def calibrate(runtime, block_sizes: Sequence[int], policies: Sequence[str] = ("all", "full"),  # noqa: ANN001
+              max_new_tokens: int = 64, lookup_ngram: int = 0) -> list[dict]:
+    """Measured tokens per forward of each (b, policy) on a few built-in code and prose prompts."""
+    out = []
+    for b in block_sizes:
+        for policy in policies:
+            hist = [0] * b
+            for prompt in CALIBRATION_PROMPTS:
+                gen = runtime.generation_config(block_size=b, policy=policy, max_new_tokens=max_new_tokens,
+                                                lookup_ngram=lookup_ngram)
+                res = runtime.generate_text(prompt, gen)
+                hist = [h + c for h, c in zip(hist, res.stats["acceptance_histogram"], strict=True)]
+            steps = sum(hist)
+            tpf = sum((i + 1) * c for i, c in enumerate(hist)) / steps if steps else 1.0
+            out.append({"block_size": b, "policy": policy, "lookup_ngram": lookup_ngram, "tokens_per_forward": tpf,
+                        "acceptance_histogram": hist, "offset_acceptance": offset_acceptance(hist)})
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -145,17 +150,15 @@ def main(args: argparse.Namespace) -> int:
            "latency_s": {str(k): v for k, v in prof.items()}}
     if args.choose:
         rt = Runtime(model, load_tokenizer(args.model))
-        b_max = max(args.choose_block_sizes)
-        acc = calibrate(rt, b_max, lookup_ngram=args.lookup_ngram)
-        choice = choose_operating_point(prof, acc, args.choose_block_sizes)
-        print("conditional acceptance by draft offset: " + ", ".join(f"{a:.2f}" for a in acc))
-        print(f"{'b':>3} {'policy':>7} {'tokens':>7} {'E[a]':>6} {'step ms':>8} {'exp tok/s':>10} {'vs AR':>6}")
+        measured = calibrate(rt, args.choose_block_sizes, lookup_ngram=args.lookup_ngram)
+        choice = choose_operating_point(prof, measured)
+        print(f"{'b':>3} {'policy':>7} {'tokens':>7} {'tok/fwd':>8} {'step ms':>8} {'exp tok/s':>10} {'vs AR':>6}")
         for r in choice["candidates"]:
-            print(f"{r['block_size']:>3} {r['policy']:>7} {r['tokens']:>7} {r['expected_acceptance']:>6.2f} "
+            print(f"{r['block_size']:>3} {r['policy']:>7} {r['tokens']:>7} {r['tokens_per_forward']:>8.2f} "
                   f"{r['step_s'] * 1e3:>8.2f} {r['expected_tokens_per_s']:>10.1f} {r['expected_speedup_vs_ar']:>6.2f}")
         best = choice["best"]
-        print(f"chosen operating point: block_size={best['block_size']} policy={best['policy']}")
-        out["offset_acceptance"] = acc
+        print(f"chosen operating point: block_size={best['block_size']} policy={best['policy']} "
+              f"(offset acceptance {', '.join(f'{a:.2f}' for a in best['offset_acceptance'])})")
         out["choice"] = choice
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
