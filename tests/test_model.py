@@ -94,3 +94,24 @@ def test_config_roundtrip_and_errors(tmp_path):
         TidarConfig(num_attention_heads=9, num_key_value_heads=2)
     with pytest.raises(ValueError, match="no config.json"):
         TidarConfig.load(tmp_path / "missing")
+
+
+@torch.no_grad()
+def test_fused_projections_match_unfused_with_adapter(tmp_path):
+    from tidar.config import AdapterConfig
+    from tidar.masks import tidar_training_mask
+
+    model = tiny_model(attention_bias=True)
+    model.add_adapter(AdapterConfig(rank=4))
+    for n, p in model.named_parameters():
+        if "lora_b" in n:
+            p.normal_(0, 0.3)
+    mask, pos = tidar_training_mask(8, 4)
+    ids = torch.cat([torch.randint(0, 97, (2, 8)), torch.full((2, 8), model.config.mask_token_id)], 1)
+    expected = model(ids, pos[None], mask)
+    model.fuse_for_inference()
+    got = model(ids, pos[None], mask)
+    assert (got - expected).abs().max() < 1e-5
+    save_pretrained(model, tmp_path / "fused")  # shared-storage views must still save
+    assert torch.equal(load_model(tmp_path / "fused").layers[0].self_attn.k_proj.weight,
+                       model.layers[0].self_attn.k_proj.weight)

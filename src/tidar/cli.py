@@ -130,6 +130,7 @@ def build_parser() -> Parser:
         ("eval", "tidar.evaluate", "HumanEval pass@1 and perplexity"),
         ("serve", "tidar.server", "OpenAI-compatible HTTP server"),
         ("lm-eval", "tidar.lm_eval_adapter", "run lm-evaluation-harness with the tidar model"),
+        ("export", "tidar.ship", "export a trained adapter as the shipped default model"),
     ):
         s = sub.add_parser(name, help=help_, add_help=False)
         s.set_defaults(delegate=module)
@@ -139,7 +140,7 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] in ("train", "data", "plot", "bench", "eval", "serve", "lm-eval"):
+    if argv and argv[0] in ("train", "data", "plot", "bench", "eval", "serve", "lm-eval", "export"):
         import importlib
 
         module = parser.parse_args(argv[:1]).delegate

@@ -55,6 +55,37 @@ class Linear(nn.Linear):
         return out
 
 
+class FusedLinear:
+    """Several Linear layers that share an input, run as one matmul at inference (fewer, larger
+    kernels: per-op overhead is a large share of a CPU decode step for a model this small).
+
+    The parts' weights become views into the fused weight, so nothing is stored twice; the parts'
+    LoRA branches (mask rows only) are still applied per part.
+    """
+
+    def __init__(self, parts: list[Linear]) -> None:
+        self.parts = parts
+        self.sizes = [p.out_features for p in parts]
+        weight = torch.cat([p.weight.data for p in parts])
+        bias = torch.cat([p.bias.data for p in parts]) if parts[0].bias is not None else None
+        start = 0
+        for p, n in zip(parts, self.sizes, strict=True):
+            p.weight.data = weight[start:start + n]
+            if bias is not None:
+                p.bias.data = bias[start:start + n]
+            start += n
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor, mask_rows: MaskRows) -> tuple[torch.Tensor, ...]:
+        outs = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        if mask_rows is not None:
+            sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
+            for p, out in zip(self.parts, outs, strict=True):
+                if hasattr(p, "lora_a"):
+                    out[sel] += F.linear(F.linear(x[sel], p.lora_a.to(x.dtype)), p.lora_b.to(x.dtype)) * p.lora_scale
+        return outs
+
+
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables indexed by explicit position ids (HF 'rotate_half' layout)."""
 
@@ -127,13 +158,18 @@ class Attention(nn.Module):
         self.k_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+        self.qkv: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor,
                 mask_rows: MaskRows, cache: KVCache | None, offset: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x, mask_rows).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x, mask_rows).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x, mask_rows).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qkv is not None and not self.training:
+            q, k, v = self.qkv(x, mask_rows)
+        else:
+            q, k, v = (p(x, mask_rows) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer_idx, offset, k, v)  # (B, H_kv, offset + T, D)
@@ -148,9 +184,14 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor, mask_rows: MaskRows) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, mask_rows)) * self.up_proj(x, mask_rows), mask_rows)
+        if self.gate_up is not None and not self.training:
+            gate, up = self.gate_up(x, mask_rows)
+        else:
+            gate, up = self.gate_proj(x, mask_rows), self.up_proj(x, mask_rows)
+        return self.down_proj(F.silu(gate) * up, mask_rows)
 
 
 class Block(nn.Module):
@@ -196,6 +237,15 @@ class Transformer(nn.Module):
                 if isinstance(mod, Linear) and name.split(".")[-1] in adapter.targets and not hasattr(mod, "lora_a"):
                     mod.add_adapter(adapter.rank, adapter.alpha)
                     mod.to(device=mod.weight.device)
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> Transformer:
+        """Fuse q/k/v and gate/up projections (call after the last `.to()`; training ignores it)."""
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
+            mlp.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
+        return self
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The weights trained in adapter mode: LoRA branches and the [MASK] embedding."""

