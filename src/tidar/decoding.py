@@ -25,6 +25,7 @@ from tidar.masks import StepLayout, causal_mask, step_layout, with_prefix
 from tidar.model import KVCache, Transformer
 
 POLICIES = ("all", "full", "topk")
+FREE_ROWS = 32  # up to this many rows, one LM-head matmul over all of them costs about one over a few
 
 
 class GenerationError(ValueError):
@@ -331,7 +332,10 @@ class Decoder:
             hidden = self._forward(step_ids.to(self.device), positions.to(self.device), attn, cache, S)
             stats.forward_s += time.perf_counter() - tf
             stats.forwards += 1
-            ar_logits = self.logits(hidden[:, : lay.n_clean])  # (B, n_clean, V)
+            # The LM head is the largest matrix: while rows are nearly free (memory-bound), score
+            # every row in one pass instead of reading the head twice (verify, then the block).
+            all_logits = self.logits(hidden) if T <= FREE_ROWS else None
+            ar_logits = all_logits[:, : lay.n_clean] if all_logits is not None else self.logits(hidden[:, : lay.n_clean])
 
             if not tidar:
                 nxt = self._choose(ar_logits[:, 0])
@@ -361,7 +365,7 @@ class Decoder:
             # next draft from the pre-draft block that matches (or best covers) the real a
             rows = torch.arange(B)
             ar_at = ar_logits[rows, a - 1]  # (B, V): AR logits after d_a
-            block_logits, shift = self._block_for(hidden, lay, a)
+            block_logits, shift = self._block_for(hidden, lay, a, all_logits)
             if bonus is None or cfg.beta < 1.0:
                 mixed = ar_at
                 if cfg.beta < 1.0 and block_logits is not None:
@@ -378,7 +382,8 @@ class Decoder:
             yield out
         stats.total_s = time.perf_counter() - t_start
 
-    def _block_for(self, hidden: torch.Tensor, lay: StepLayout, a: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _block_for(self, hidden: torch.Tensor, lay: StepLayout, a: torch.Tensor,
+                   all_logits: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Logits (B, b, V) of the pre-draft block for each sequence's acceptance length, aligned so
         row 0 is the position of the bonus token, and the shift used (0 = exact block).
 
@@ -399,8 +404,8 @@ class Decoder:
         # gather rows: block j's row (shift + r) for r in 0..b-1
         r = torch.arange(b)[None, :] + shift[:, None]
         src = lay.n_clean + jj[:, None] * b + r.clamp(max=b - 1)
-        h = hidden[torch.arange(B)[:, None], src.to(hidden.device)]
-        logits = self.logits(h)
+        rows = (torch.arange(B)[:, None], src.to(hidden.device))
+        logits = all_logits[rows] if all_logits is not None else self.logits(hidden[rows])
         return logits, torch.where(have, shift, torch.full_like(shift, b))
 
     def _new_draft(self, bonus: torch.Tensor, ar_at: torch.Tensor, block_logits: torch.Tensor | None,
