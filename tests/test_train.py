@@ -257,8 +257,8 @@ def test_checkpoints_are_rotated_and_resume_refuses_other_config(tmp_path: Path,
 
 
 def test_metrics_and_plot(tmp_path: Path, shards: Path) -> None:
-    from tidar.plot import main as plot_main
-    from tidar.plot import plot_metrics
+    from tidar.plots import main as plot_main
+    from tidar.plots import plot_metrics
 
     cfg = cfg_for(tmp_path, shards)
     T.train(cfg)

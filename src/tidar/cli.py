@@ -125,7 +125,7 @@ def build_parser() -> Parser:
     for name, module, help_ in (
         ("train", "tidar.train", "train a TiDAR model (see configs/)"),
         ("data", "tidar.data", "build tokenized training shards"),
-        ("plot", "tidar.plot", "plot training metrics"),
+        ("plot", "tidar.plots", "plot training metrics"),
         ("bench", "tidar.bench", "side-by-side speed and quality benchmark"),
         ("eval", "tidar.evaluate", "HumanEval pass@1 and perplexity"),
         ("serve", "tidar.server", "OpenAI-compatible HTTP server"),

@@ -1,0 +1,41 @@
+"""The shipped default model: manifest consistent with its weights; lossless on the real weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tidar.masks import causal_mask
+from tidar.weights import ADAPTER_FILE, MANIFEST_FILE, SHIPPED_MODEL, file_sha256, load_model, resolve_model_path
+
+
+def manifest() -> dict:
+    return json.loads((SHIPPED_MODEL / MANIFEST_FILE).read_text())
+
+
+def test_manifest_matches_the_weights_file():
+    m = manifest()
+    assert m["sha256"] == file_sha256(SHIPPED_MODEL / ADAPTER_FILE)
+    for key in ("base", "tokens", "step", "adapter", "block_size", "targets", "operating_point", "data"):
+        assert key in m, key
+    assert (SHIPPED_MODEL / ADAPTER_FILE).stat().st_size < 50 * 2**20
+    assert resolve_model_path(None) == SHIPPED_MODEL  # the default model
+
+
+@pytest.mark.slow
+def test_shipped_model_is_lossless_on_smollm2():
+    from tidar.runtime import Runtime
+
+    shipped = load_model(None, dtype=torch.float32)
+    base = load_model("smollm2", dtype=torch.float32)
+    ids = torch.tensor([[1, 504, 3458, 282, 4000, 314, 253, 5009, 30]])
+    n = ids.shape[1]
+    with torch.no_grad():  # adapter mode: AR logits are the base model's, bit for bit
+        assert torch.equal(shipped(ids, torch.arange(n)[None], causal_mask(n)), base(ids, torch.arange(n)[None], causal_mask(n)))
+    rt = Runtime.load(None, dtype="float32")
+    for prompt in ("def is_even(n):\n", "The river flows"):
+        ti = rt.generate_text(prompt, rt.generation_config(max_new_tokens=48))
+        ar = rt.generate_text(prompt, rt.generation_config(mode="ar", max_new_tokens=48))
+        assert ti.tokens == ar.tokens
