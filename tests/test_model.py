@@ -115,3 +115,14 @@ def test_fused_projections_match_unfused_with_adapter(tmp_path):
     save_pretrained(model, tmp_path / "fused")  # shared-storage views must still save
     assert torch.equal(load_model(tmp_path / "fused").layers[0].self_attn.k_proj.weight,
                        model.layers[0].self_attn.k_proj.weight)
+
+
+def test_hf_style_round_trip_and_generate(tmp_path):
+    from tidar.model import Transformer
+
+    model = tiny_model()
+    model.save_pretrained(str(tmp_path / "m"))
+    again = Transformer.from_pretrained(str(tmp_path / "m"))
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    out = again.generate(ids, max_new_tokens=6, mode="tidar", block_size=3)
+    assert out == model.generate(ids, max_new_tokens=6, mode="ar") and len(out[0]) == 6
