@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m tidar.demo
+	$(PY) -m tidar.demo
 
 test: setup
 	@# pytest exit code 5 means "no tests collected", not a failure

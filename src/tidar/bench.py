@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting threads collapse under contention
-
 METHODS = ("ar", "tidar", "diffusion", "spec", "hf", "hf-lookup", "llamacpp", "llamacpp-lookup")
 ENGINE_METHODS = ("ar", "tidar")
 SOURCES = ("humaneval", "prose")

@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting threads collapse under contention
-
 # The stop sequences of the HumanEval paper (Chen et al. 2021): a completion ends where the model
 # starts a new top-level statement.
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")

@@ -56,15 +56,15 @@ class Linear(nn.Linear):
 
 
 class FusedLinear:
-    """Several Linear layers that share an input, run as one matmul at inference (fewer, larger
-    kernels: per-op overhead is a large share of a CPU decode step for a model this small).
+    """Linear layers that share an input, run as one matmul at inference (fewer, larger kernels:
+    per-op overhead is a large share of a CPU decode step for a model this small).
 
-    The parts' weights become views into the fused weight, so nothing is stored twice; the parts'
-    LoRA branches (mask rows only) are still applied per part.
+    The parts' weights become views into the fused weight, so nothing is stored twice. Their LoRA
+    branches (mask rows only) are fused too: one down-projection over the stacked A matrices and
+    one up-projection through a block-diagonal B with the scale folded in.
     """
 
     def __init__(self, parts: list[Linear]) -> None:
-        self.parts = parts
         self.sizes = [p.out_features for p in parts]
         weight = torch.cat([p.weight.data for p in parts])
         bias = torch.cat([p.bias.data for p in parts]) if parts[0].bias is not None else None
@@ -75,15 +75,19 @@ class FusedLinear:
                 p.bias.data = bias[start:start + n]
             start += n
         self.weight, self.bias = weight, bias
+        self.lora_a = self.lora_b = None
+        if all(hasattr(p, "lora_a") for p in parts):
+            self.lora_a = torch.cat([p.lora_a.data for p in parts])  # (sum r, in)
+            self.lora_b = torch.block_diag(*[p.lora_b.data * p.lora_scale for p in parts])  # (sum out, sum r)
+        elif any(hasattr(p, "lora_a") for p in parts):
+            raise ValueError("fuse only layers that all have, or all lack, an adapter")
 
     def __call__(self, x: torch.Tensor, mask_rows: MaskRows) -> tuple[torch.Tensor, ...]:
-        outs = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-        if mask_rows is not None:
+        out = F.linear(x, self.weight, self.bias)
+        if mask_rows is not None and self.lora_a is not None:
             sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
-            for p, out in zip(self.parts, outs, strict=True):
-                if hasattr(p, "lora_a"):
-                    out[sel] += F.linear(F.linear(x[sel], p.lora_a.to(x.dtype)), p.lora_b.to(x.dtype)) * p.lora_scale
-        return outs
+            out[sel] += F.linear(F.linear(x[sel], self.lora_a), self.lora_b)
+        return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
 
 
 class RotaryEmbedding(nn.Module):
@@ -159,6 +163,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
         self.qkv: FusedLinear | None = None
+        self.o: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor,
                 mask_rows: MaskRows, cache: KVCache | None, offset: int) -> torch.Tensor:
@@ -175,6 +180,8 @@ class Attention(nn.Module):
             k, v = cache.write(self.layer_idx, offset, k, v)  # (B, H_kv, offset + T, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        if self.o is not None and not self.training:
+            return self.o(y, mask_rows)[0]
         return self.o_proj(y, mask_rows)
 
 
@@ -185,12 +192,15 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gate_up: FusedLinear | None = None
+        self.down: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor, mask_rows: MaskRows) -> torch.Tensor:
         if self.gate_up is not None and not self.training:
             gate, up = self.gate_up(x, mask_rows)
         else:
             gate, up = self.gate_proj(x, mask_rows), self.up_proj(x, mask_rows)
+        if self.down is not None and not self.training:
+            return self.down(F.silu(gate) * up, mask_rows)[0]
         return self.down_proj(F.silu(gate) * up, mask_rows)
 
 
@@ -240,11 +250,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def fuse_for_inference(self) -> Transformer:
-        """Fuse q/k/v and gate/up projections (call after the last `.to()`; training ignores it)."""
+        """Fuse q/k/v and gate/up projections and their adapters (call after the last `.to()` and
+        after loading weights: the fused adapter is a copy; training ignores the fused path)."""
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
+            attn.o = FusedLinear([attn.o_proj])
             mlp.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
+            mlp.down = FusedLinear([mlp.down_proj])
         return self
 
     def adapter_parameters(self) -> list[nn.Parameter]:
