@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             k = first_difference(ar.tokens, ti.tokens)
             margin = ar_top2_margin(rt.model, rt.encode(prompt, chat), ar.tokens[:k])
             note = (f" (first difference at token {k}, where AR's top-2 logits differ by only {margin:.3f}: a "
-                    f"{args.dtype} rounding tie between a multi-token and a one-token forward; in float32 TiDAR matched AR on every benchmarked prompt)")
+                    f"{args.dtype} rounding tie between a multi-token and a one-token forward; "
+                    "in float32 TiDAR matched AR on every benchmarked prompt)")
         speedup = ti.stats["tokens_per_s"] / ar.stats["tokens_per_s"] if ar.stats["tokens_per_s"] else 0.0
         print(f"--- identical to AR: {same}{note}\n--- TiDAR {ti.stats['tokens_per_forward']:.2f} tokens/forward, "
               f"{ti.stats['tokens_per_s']:.1f} tok/s vs AR {ar.stats['tokens_per_s']:.1f} tok/s: {speedup:.2f}x")
