@@ -284,3 +284,15 @@ def test_bible_source() -> None:
     assert len(books) == 66
     assert books[0][0] == "bible:01 Genesis" and "1 In the beginning God created" in books[0][1]
     assert books[-1][0] == "bible:66 Revelation"
+
+
+def test_held_out_documents_by_names_and_by_split(tmp_path):
+    from tidar.data import held_out_documents
+
+    for i in range(6):
+        (tmp_path / f"doc{i}.txt").write_text(f"document number {i}\n")
+    by_split = held_out_documents([str(tmp_path)], val_fraction=0.34, seed=0)
+    assert len(by_split) == 2 and all(text.startswith("document number") for _, text in by_split)
+    names = [name for name, _ in by_split]
+    assert {n for n, _ in held_out_documents([str(tmp_path)], names=names)} == set(names)
+    assert held_out_documents(["/no/such/source"]) == []

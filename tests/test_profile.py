@@ -1,17 +1,11 @@
 """Operating-point choice from a latency profile and measured acceptance (pure functions)."""
 
-from tidar.profile import choose_operating_point, expected_acceptance, interpolate, offset_acceptance, step_tokens
+from tidar.profile import choose_operating_point, interpolate, offset_acceptance, step_tokens
 
 
 def test_offset_acceptance_from_histogram():
     # 10 steps with a=1, 5 with a=2, 5 with a=3 (b=3): P(a>=2)=10/20, P(a>=3 | a>=2)=5/10
     assert offset_acceptance([10, 5, 5]) == [0.5, 0.5]
-
-
-def test_expected_acceptance():
-    assert expected_acceptance([1.0, 1.0, 1.0], 4) == 4.0
-    assert expected_acceptance([0.0], 4) == 1.0
-    assert abs(expected_acceptance([0.5, 0.5], 3) - 1.75) < 1e-12
 
 
 def test_step_tokens_per_policy():

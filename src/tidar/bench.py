@@ -17,7 +17,6 @@ import argparse
 import datetime as _dt
 import importlib
 import importlib.util
-import inspect
 import json
 import os
 import platform
@@ -156,44 +155,15 @@ def _val_documents(data_dir: str | Path | None) -> list[tuple[str, str]]:
     would hold out of python-doc and bible with its default split."""
     from tidar import data
 
-    docs: list[tuple[str, str]] = []
-
-    def read(item: Any) -> str | None:
-        if isinstance(item, tuple):
-            return item[1]
-        text, _ = data._read_text(item)
-        return text
-
     try:
         if data_dir is not None:
             index = data.TokenShards(data_dir).index
-            wanted = list(index["val"]["files"])
-            found: dict[str, Any] = {}
-            for spec in index.get("sources", []):
-                try:
-                    src = data._resolve(spec)
-                except data.DataError:
-                    continue  # a source not present on this machine: its files are skipped below
-                found.update(zip(src.names, src.items, strict=True))
-            for name in wanted:
-                if name in found and not name.endswith((".py", ".pyi")):  # code is not prose
-                    text = read(found[name])
-                    if text:
-                        docs.append((name, text))
+            docs = [d for d in data.held_out_documents(index.get("sources", []), names=index["val"]["files"])
+                    if not d[0].endswith((".py", ".pyi"))]  # code is not prose
             if not docs:
                 raise BenchError(f"none of the val files of {data_dir} are readable prose on this machine")
             return docs
-        defaults = inspect.signature(data.build_shards).parameters
-        fraction, seed = defaults["val_fraction"].default, defaults["seed"].default
-        for spec in ("python-doc", "bible"):
-            try:
-                src = data._resolve(spec)
-            except data.DataError:
-                continue
-            for i in data._val_indices(src, fraction, seed):
-                text = read(src.items[i])
-                if text:
-                    docs.append((src.names[i], text))
+        docs = data.held_out_documents(("python-doc", "bible"))
     except data.DataError as e:
         raise BenchError(str(e)) from None
     if not docs:

@@ -64,6 +64,9 @@ _BATCH_CHARS = 4_000_000
 Item = Path | tuple[str, str]
 
 
+DEFAULT_VAL_FRACTION = 0.02
+
+
 class DataError(ValueError):
     """Bad data input (source spec, shard directory, split) with a message that says what to do."""
 
@@ -232,6 +235,30 @@ def _read_text(path: Path) -> tuple[str | None, str]:
     return text, ""
 
 
+def held_out_documents(specs: Sequence[str], *, val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0,
+                       names: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """(name, text) of the validation documents of these sources: the files `build_shards` holds out
+    with this fraction and seed or, given `names` (a shard index's val files), exactly those.
+    Sources not present on this machine and unreadable files are skipped."""
+    wanted = set(names) if names is not None else None
+    docs = []
+    for spec in specs:
+        try:
+            src = _resolve(spec)
+        except DataError:
+            continue
+        if wanted is None:
+            indices = _val_indices(src, val_fraction, seed)
+        else:
+            indices = [i for i, name in enumerate(src.names) if name in wanted]
+        for i in indices:
+            item = src.items[i]
+            text = item[1] if isinstance(item, tuple) else _read_text(item)[0]
+            if text:
+                docs.append((src.names[i], text))
+    return docs
+
+
 # -- building --------------------------------------------------------------------------------------
 
 
@@ -334,7 +361,7 @@ def build_shards(
     tokenizer,
     out_dir: str | Path,
     *,
-    val_fraction: float = 0.02,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     max_tokens: int | None = None,
     eos_id: int | None = None,

@@ -67,13 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
-    try:
-        from tidar.plots import plot_demo
+    from tidar.plots import plot_demo
 
-        png = plot_demo(rows, out / "demo.png")
-        print(f"\nplots written to {png}")
-    except ImportError:
-        pass
+    print(f"\nplots written to {plot_demo(rows, out / 'demo.png')}")
     print(f"results written to {out / 'demo.json'}")
     return 0
 

@@ -58,17 +58,6 @@ def interpolate(profile: dict[int, float], t: int) -> float:
     return profile[xs[-1]] * t / xs[-1]  # beyond the profile: compute-bound, linear
 
 
-def expected_acceptance(offset_accept: Sequence[float], b: int) -> float:
-    """E[a] for draft length b when the draft at offset k (k >= 1) is accepted with conditional
-    probability offset_accept[k-1] given all earlier ones were."""
-    e, run = 1.0, 1.0
-    for k in range(1, b):
-        p = offset_accept[k - 1] if k - 1 < len(offset_accept) else (offset_accept[-1] if offset_accept else 0.0)
-        run *= p
-        e += run
-    return e
-
-
 def step_tokens(block_size: int, policy: str, policy_k: int = 2) -> int:
     """Query tokens of one TiDAR step: b drafts + b masks per pre-drafted acceptance length."""
     blocks = {"all": block_size, "full": min(2, block_size), "topk": min(policy_k + 1, block_size)}[policy]

@@ -66,8 +66,7 @@ class Runtime:
                 if v is not None:
                     kw[k] = v
         kw.update({k: v for k, v in overrides.items() if v is not None})
-        kw.setdefault("eos_token_id", self.eos_ids)
-        kw["eos_token_id"] = kw["eos_token_id"] or self.eos_ids
+        kw["eos_token_id"] = kw.get("eos_token_id") or self.eos_ids
         cfg = GenerationConfig(**kw)
         cfg.validate()
         return cfg

@@ -163,8 +163,10 @@ def load_model(name: str | Path | None = None, dtype: torch.dtype = torch.float3
         model.config.block_size = manifest.get("block_size", model.config.block_size)
         state = load_file(path / ADAPTER_FILE)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise WeightsError(f"adapter at {path} has unexpected weights: {unexpected[:3]}")
+        partial = [k for k in missing if "lora_" in k or k == "mask_embed"]
+        if unexpected or partial:
+            raise WeightsError(f"adapter at {path} does not match its manifest: unexpected {unexpected[:3]}, "
+                               f"missing {partial[:3]}")
         return model.to(device=device, dtype=dtype).eval()
     config = TidarConfig.load(path)
     model = Transformer(config)
