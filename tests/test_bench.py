@@ -62,7 +62,7 @@ METHOD_KEYS = {"tokens_per_s", "tokens_per_forward", "speedup_vs_ar", "matches_a
 
 
 def test_json_schema_and_plots(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, name=None, dtype="bfloat16": tiny_runtime()))
+    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, name=None, dtype="bfloat16", compile=None: tiny_runtime()))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "def f(x):"}, {"prompt": "hello world"},
                                                  {"prompt": "abc abc abc", "chat": False}])
     profile = tmp_path / "profile.json"
@@ -222,3 +222,19 @@ def test_baseline_methods_through_the_harness():
     assert res.methods["diffusion"]["generated_tokens"] > 0 and res.methods["diffusion"]["forwards"] > 0
     for m in methods:
         assert res.methods[m]["tokens_per_forward"] is not None
+
+
+def test_runtime_compile_falls_back_to_eager_when_inductor_fails(monkeypatch):
+    import io
+
+    rt = tiny_runtime()
+
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    monkeypatch.setattr(rt.model, "compile_blocks", lambda: setattr(rt.model, "_compiled_block", broken) or rt.model)
+    log = io.StringIO()
+    assert rt.compile(log=log) is False
+    assert not rt.compiled
+    assert "InvalidCxxCompiler" in log.getvalue() and "running eager" in log.getvalue()
+    assert rt.generate_text("abc", rt.generation_config(max_new_tokens=3)).tokens

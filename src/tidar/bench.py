@@ -689,6 +689,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory, or 'smollm2' (default: the shipped TiDAR model)")
     p.add_argument("--dtype", type=dtype_arg, default="bfloat16", help="float32 | bfloat16 (default)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch and llama.cpp threads (default: all)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoder blocks for ar/tidar/diffusion/spec (default: the model's operating point)")
     p.add_argument("--block-size", type=positive_int, default=None, help="TiDAR draft length b (default: model's)")
     p.add_argument("--policy", choices=["all", "full", "topk"], default=None)
     p.add_argument("--policy-k", type=positive_int, default=None)
@@ -772,7 +774,7 @@ def _bench(args: argparse.Namespace, methods: list[str], opts: BenchOptions, pro
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = load_average()
-    rt = Runtime.load(args.model, dtype=args.dtype)
+    rt = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)
     ids = [rt.encode(p.text, p.chat) for p in prompts]
     max_len = max(len(x) for x in ids) + args.max_new_tokens + 64
     runners = build_runners(rt, methods, opts, max_len=max_len)
@@ -785,6 +787,7 @@ def _bench(args: argparse.Namespace, methods: list[str], opts: BenchOptions, pro
         "model": rt.name,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
+        "compiled": rt.compiled,
         "prompts": len(prompts),
         "source": source,
         "max_new_tokens": args.max_new_tokens,
@@ -796,7 +799,8 @@ def _bench(args: argparse.Namespace, methods: list[str], opts: BenchOptions, pro
                    "tidar_step_tokens": tidar_step_tokens(rt, opts) if "tidar" in methods else None},
         "methods": result.methods,
     }
-    print(f"{rt.name} | {args.dtype} | {report['threads']} threads | {len(prompts)} prompts from {source} | "
+    compiled = " compiled" if rt.compiled else ""
+    print(f"{rt.name} | {args.dtype}{compiled} | {report['threads']} threads | {len(prompts)} prompts from {source} | "
           f"max {args.max_new_tokens} new tokens")
     print(format_table(result.methods))
     if other_cpu is not None and other_cpu > 0.1:

@@ -45,6 +45,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="model directory, or 'smollm2' for the base model (default: the shipped TiDAR model)")
     p.add_argument("--dtype", type=dtype_arg, default="bfloat16", help="float32 | bfloat16 (default)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoder blocks (default: the model's operating point)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise CLIError("--prompt is empty: give the text to continue")
     setup_torch(args.threads)
-    rt = Runtime.load(args.model, dtype=args.dtype)
+    rt = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)
     gen = rt.generation_config(args)
     stream = sys.stdout if (args.stream and not args.json) else None
     result = rt.generate_text(args.prompt, gen, chat=args.chat, stop=args.stop, stream=stream)

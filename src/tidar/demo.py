@@ -23,18 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--out", default="out/demo")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the decoder blocks (default: the model's operating point)")
     args = parser.parse_args(argv)
     from tidar.runtime import Runtime
     from tidar.weights import WeightsError
 
     try:
         t = time.perf_counter()
-        rt = Runtime.load(args.model, dtype=args.dtype)
+        rt = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     op = rt.operating_point
-    print(f"model: {rt.name} ({args.dtype}, {torch.get_num_threads()} threads, loaded in {time.perf_counter() - t:.1f}s)")
+    how = f"{args.dtype}{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads"
+    print(f"model: {rt.name} ({how}, loaded in {time.perf_counter() - t:.1f}s)")
     if not op:
         print("note: no trained TiDAR drafter found; using the base model's untrained [MASK] drafts "
               "(output is still identical to AR, but few drafts are accepted)")

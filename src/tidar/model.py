@@ -55,7 +55,7 @@ class Linear(nn.Linear):
         return out
 
 
-class FusedLinear:
+class FusedLinear(nn.Module):
     """Linear layers that share an input, run as one matmul at inference (fewer, larger kernels:
     per-op overhead is a large share of a CPU decode step for a model this small).
 
@@ -65,6 +65,7 @@ class FusedLinear:
     """
 
     def __init__(self, parts: list[Linear]) -> None:
+        super().__init__()
         self.sizes = [p.out_features for p in parts]
         weight = torch.cat([p.weight.data for p in parts])
         bias = torch.cat([p.bias.data for p in parts]) if parts[0].bias is not None else None
@@ -74,15 +75,20 @@ class FusedLinear:
             if bias is not None:
                 p.bias.data = bias[start:start + n]
             start += n
-        self.weight, self.bias = weight, bias
-        self.lora_a = self.lora_b = None
+        # Buffers, not parameters: nothing new to train or save, but torch.compile sees them as
+        # inputs, so one compiled graph serves every layer.
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        lora_a = lora_b = None
         if all(hasattr(p, "lora_a") for p in parts):
-            self.lora_a = torch.cat([p.lora_a.data for p in parts])  # (sum r, in)
-            self.lora_b = torch.block_diag(*[p.lora_b.data * p.lora_scale for p in parts])  # (sum out, sum r)
+            lora_a = torch.cat([p.lora_a.data for p in parts])  # (sum r, in)
+            lora_b = torch.block_diag(*[p.lora_b.data * p.lora_scale for p in parts])  # (sum out, sum r), scaled
         elif any(hasattr(p, "lora_a") for p in parts):
             raise ValueError("fuse only layers that all have, or all lack, an adapter")
+        self.register_buffer("lora_a", lora_a, persistent=False)
+        self.register_buffer("lora_b", lora_b, persistent=False)
 
-    def __call__(self, x: torch.Tensor, mask_rows: MaskRows) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, mask_rows: MaskRows) -> tuple[torch.Tensor, ...]:
         out = F.linear(x, self.weight, self.bias)
         if mask_rows is not None and self.lora_a is not None:
             sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
@@ -141,19 +147,16 @@ class KVCache:
         self.valid[:, n:] = False
         self.length = n
 
-    def write(self, layer: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = offset + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: need {end} slots, have {self.max_len}")
-        self.k[layer][:, :, offset:end] = k
-        self.v[layer][:, :, offset:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def layers(self, offset: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (K, V) storage, after checking that n tokens written at `offset` fit."""
+        if offset + n > self.max_len:
+            raise ValueError(f"KV cache full: need {offset + n} slots, have {self.max_len}")
+        return list(zip(self.k, self.v, strict=True))
 
 
 class Attention(nn.Module):
-    def __init__(self, config: TidarConfig, layer_idx: int) -> None:
+    def __init__(self, config: TidarConfig) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
         self.n_head = config.num_attention_heads
         self.n_kv_head = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -166,7 +169,7 @@ class Attention(nn.Module):
         self.o: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor,
-                mask_rows: MaskRows, cache: KVCache | None, offset: int) -> torch.Tensor:
+                mask_rows: MaskRows, kv: tuple[torch.Tensor, torch.Tensor] | None, offset: int) -> torch.Tensor:
         B, T, _ = x.shape
         if self.qkv is not None and not self.training:
             q, k, v = self.qkv(x, mask_rows)
@@ -176,8 +179,11 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(self.layer_idx, offset, k, v)  # (B, H_kv, offset + T, D)
+        if kv is not None:  # this layer's KV cache: write the new tokens, attend over all so far
+            k_cache, v_cache = kv
+            k_cache[:, :, offset:offset + T] = k
+            v_cache[:, :, offset:offset + T] = v
+            k, v = k_cache[:, :, :offset + T], v_cache[:, :, :offset + T]  # (B, H_kv, offset + T, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         if self.o is not None and not self.training:
@@ -205,16 +211,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: TidarConfig, layer_idx: int) -> None:
+    def __init__(self, config: TidarConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attn_mask, mask_rows, cache, offset):  # noqa: ANN001, ANN201
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, mask_rows, cache, offset)
+    def forward(self, x, cos, sin, attn_mask, mask_rows, kv, offset):  # noqa: ANN001, ANN201
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, mask_rows, kv, offset)
         return x + self.mlp(self.post_attention_layernorm(x), mask_rows)
+
+
+def _run_block(block: Block, *args: object) -> torch.Tensor:
+    return block(*args)
 
 
 class Transformer(nn.Module):
@@ -227,10 +237,11 @@ class Transformer(nn.Module):
         # [MASK] lives outside the vocabulary: a separate vector, so the base embedding table and LM
         # head keep their shapes (HF-loadable) and AR logits cannot be perturbed by it.
         self.mask_embed = nn.Parameter(torch.zeros(config.hidden_size))
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self._compiled_block: object | None = None
         if config.adapter is not None:
             self.add_adapter(config.adapter)
 
@@ -259,6 +270,25 @@ class Transformer(nn.Module):
             mlp.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
             mlp.down = FusedLinear([mlp.down_proj])
         return self
+
+    def compile_blocks(self) -> Transformer:
+        """Run each decoder block through one `torch.compile`d function (inference only).
+
+        On a CPU a decode step of a model this small is mostly per-op overhead; inductor fuses the
+        norms, RoPE and elementwise ops into a few C++ kernels. Every block has the same structure
+        and its weights are graph inputs, so one graph (per step shape family) serves all layers.
+        The first call compiles (tens of seconds; inductor caches on disk across processes).
+        """
+        self._compiled_block = torch.compile(_run_block, dynamic=True)
+        return self
+
+    def decompile_blocks(self) -> Transformer:
+        self._compiled_block = None
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled_block is not None
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The weights trained in adapter mode: LoRA branches and the [MASK] embedding."""
@@ -300,8 +330,12 @@ class Transformer(nn.Module):
         if position_ids.shape[0] != x.shape[0]:
             position_ids = position_ids.expand(x.shape[0], -1)
         cos, sin = self.rope(position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, mask_rows, cache, offset)
+        kvs = cache.layers(offset, x.shape[1]) if cache is not None else [None] * len(self.layers)
+        # compiled only for cached inference: the engine's shapes (uncached passes are training/eval)
+        use_compiled = self._compiled_block is not None and cache is not None and not self.training
+        run = self._compiled_block if use_compiled else _run_block
+        for layer, kv in zip(self.layers, kvs, strict=True):
+            x = run(layer, x, cos, sin, attn_mask, mask_rows, kv, offset)
         if logits_index is not None:
             x = x[:, logits_index]
         x = self.norm(x)

@@ -115,8 +115,7 @@ def calibrate(runtime, block_sizes: Sequence[int], policies: Sequence[str] = ("a
 
 
 def main(args: argparse.Namespace) -> int:
-    from tidar.runtime import DTYPE, Runtime
-    from tidar.weights import load_model, load_tokenizer
+    from tidar.runtime import Runtime
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,17 +127,18 @@ def main(args: argparse.Namespace) -> int:
     if not tokens or tokens[0] < 1:
         print("error: --tokens needs positive integers", file=sys.stderr)
         return 2
-    model = load_model(args.model, dtype=DTYPE[args.dtype])
+    rt = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)  # the engine's model: fused (+compiled)
+    model = rt.model
     prof = {}
-    print(f"forward latency, {args.dtype}, {torch.get_num_threads()} threads, cached prefix {args.prefix}")
+    print(f"forward latency, {args.dtype}{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads, "
+          f"cached prefix {args.prefix}")
     print(f"{'new tokens':>10} {'ms':>9} {'x T=1':>7} {'ms/token':>9}")
     for t in tokens:
         prof[t] = forward_latency(model, t, args.prefix, args.repeats)
         print(f"{t:>10} {prof[t] * 1e3:>9.2f} {prof[t] / prof[tokens[0]]:>7.2f} {prof[t] * 1e3 / t:>9.2f}", flush=True)
-    out = {"dtype": args.dtype, "threads": torch.get_num_threads(), "prefix": args.prefix,
+    out = {"dtype": args.dtype, "compiled": rt.compiled, "threads": torch.get_num_threads(), "prefix": args.prefix,
            "latency_s": {str(k): v for k, v in prof.items()}}
     if args.choose:
-        rt = Runtime(model, load_tokenizer(args.model))
         measured = calibrate(rt, args.choose_block_sizes, lookup_ngram=args.lookup_ngram)
         choice = choose_operating_point(prof, measured)
         print(f"{'b':>3} {'policy':>7} {'tokens':>7} {'tok/fwd':>8} {'step ms':>8} {'exp tok/s':>10} {'vs AR':>6}")

@@ -4,6 +4,7 @@ server share to turn text into tokens, run the decoding engine and turn tokens b
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +37,8 @@ class Runtime:
         self.name = name
 
     @classmethod
-    def load(cls, name: str | None = None, dtype: str = "bfloat16") -> Runtime:
+    def load(cls, name: str | None = None, dtype: str = "bfloat16", compile: bool | None = None) -> Runtime:
+        """`compile`: run the decoder blocks through torch.compile (None: the operating point's choice)."""
         path = resolve_model_path(name)
         model = load_model(path, dtype=DTYPE[dtype]).fuse_for_inference()
         tokenizer = load_tokenizer(path)
@@ -44,7 +46,37 @@ class Runtime:
         manifest = path / MANIFEST_FILE
         if manifest.exists():
             op = json.loads(manifest.read_text()).get("operating_point", {})
-        return cls(model, tokenizer, op, name=str(path))
+        rt = cls(model, tokenizer, op, name=str(path))
+        if compile if compile is not None else op.get("compile", False):
+            rt.compile()
+        return rt
+
+    @property
+    def compiled(self) -> bool:
+        return self.model.compiled
+
+    def compile(self, log: IO[str] | None = sys.stderr) -> bool:
+        """Compile the decoder blocks and trigger every graph a generation needs (prefill and step,
+        TiDAR and AR), so no request pays for compilation. Falls back to eager (with a note) where
+        inductor cannot build, e.g. without a C++ compiler. Returns whether compilation is on."""
+        t = time.perf_counter()
+        if log is not None:
+            print("compiling the decoder blocks with torch.compile (first time on a machine: about a minute)...",
+                  file=log, flush=True)
+        self.model.compile_blocks()
+        try:
+            for mode in ("tidar", "ar"):
+                # no EOS, so the decode-step graphs are reached too
+                generate(self.model, [[1, 2, 3, 4, 5]], self.generation_config(mode=mode, max_new_tokens=4, eos_token_id=[-1]))
+        except Exception as e:  # noqa: BLE001 - any inductor/compiler failure leaves a working eager model
+            self.model.decompile_blocks()
+            if log is not None:
+                print(f"note: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "running eager", file=log)
+            return False
+        if log is not None:
+            print(f"compiled in {time.perf_counter() - t:.0f}s", file=log, flush=True)
+        return True
 
     @property
     def eos_ids(self) -> list[int]:

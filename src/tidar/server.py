@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import uuid
+from argparse import BooleanOptionalAction
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -401,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=positive_int, default=8000)
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--compile", action=BooleanOptionalAction, default=None,
+                   help="torch.compile the decoder blocks (default: the model's operating point)")
     p.add_argument("--served-model-name", default=None, help="model id reported by the API (default: directory name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(list(argv) if argv is not None else None)
@@ -409,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_torch(args.threads)
     try:
-        runtime = Runtime.load(args.model, dtype=args.dtype)
+        runtime = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
