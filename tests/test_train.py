@@ -348,3 +348,20 @@ def test_shipped_configs_parse(name: str) -> None:
     path = Path(__file__).parents[1] / "configs" / name
     cfg = T.TrainConfig.load(path)
     assert T._check_config(cfg) == []
+
+
+def test_export_of_a_continued_run_records_the_lineage(tmp_path: Path, shards: Path, base_dir: Path) -> None:
+    from tidar.ship import export
+
+    kw = dict(mode="adapter", adapter_rank=4, adapter_alpha=8.0, max_steps=2, eval_every=0, save_every=2)
+    first = cfg_for(tmp_path / "a", shards, init=str(base_dir), **kw)
+    T.train(first)
+    shipped = tmp_path / "shipped"
+    m1 = export(Path(first.out_dir), shipped)
+    assert "lineage" not in m1 and m1["tokens"] == 2 * 4 * 16
+    second = cfg_for(tmp_path / "b", shards, init=str(shipped), seed=1, **kw)
+    T.train(second)
+    m2 = export(Path(second.out_dir), shipped)  # overwrites the adapter it was initialised from
+    assert [e["tokens"] for e in m2["lineage"]] == [m1["tokens"], m2["tokens"]]
+    assert m2["tokens_total"] == 2 * m1["tokens"]
+    assert load_model(shipped).has_adapter

@@ -28,15 +28,38 @@ def _git_commit() -> str | None:
         return None
 
 
+def _initial_adapter(run: Path) -> dict | None:
+    """The manifest of the adapter a training run was initialised from, if it was."""
+    try:
+        init = json.loads((run / "config.json").read_text()).get("init", "")
+    except (OSError, json.JSONDecodeError):
+        return None
+    path = Path(init)
+    if not (path / MANIFEST_FILE).exists() and not path.is_absolute():
+        path = Path(__file__).resolve().parents[2] / init  # relative to the repository root
+    if (path / MANIFEST_FILE).exists():
+        return json.loads((path / MANIFEST_FILE).read_text())
+    return None
+
+
 def export(src: Path, dst: Path, operating_point: dict | None = None, dtype: torch.dtype = torch.bfloat16,
            extra: dict | None = None) -> dict:
     """Copy an adapter directory (adapter.safetensors + tidar.json) to `dst` in `dtype`."""
     src = Path(src)
+    prior = None
     if (src / "latest").exists():  # a run directory: take its latest checkpoint
+        prior = _initial_adapter(src)
         src = src / (src / "latest").read_text().strip() / "model"
     if not (src / ADAPTER_FILE).exists() or not (src / MANIFEST_FILE).exists():
         raise FileNotFoundError(f"no {ADAPTER_FILE} + {MANIFEST_FILE} in {src}")
     manifest = json.loads((src / MANIFEST_FILE).read_text())
+    # A run initialised from an earlier adapter continues its training: record the chain and the
+    # total tokens seen (read before `dst` is overwritten, which may be that same adapter).
+    if prior is not None:
+        earlier = prior.get("lineage") or [{k: prior.get(k) for k in ("exported_from", "step", "tokens", "targets")}]
+        manifest["lineage"] = [*earlier, {"exported_from": str(src), "step": manifest.get("step"),
+                                          "tokens": manifest.get("tokens"), "targets": manifest.get("targets")}]
+        manifest["tokens_total"] = sum(int(e.get("tokens") or 0) for e in manifest["lineage"])
     state = {k: v.to(dtype).contiguous() for k, v in load_file(src / ADAPTER_FILE).items()}
     dst.mkdir(parents=True, exist_ok=True)
     tmp = dst / (ADAPTER_FILE + ".tmp")
@@ -88,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = Path(args.out, ADAPTER_FILE).stat().st_size
-    print(f"exported step {manifest.get('step')} ({manifest.get('tokens')} tokens) to {args.out} "
+    total = f", {manifest['tokens_total']} in all" if "tokens_total" in manifest else ""
+    print(f"exported step {manifest.get('step')} ({manifest.get('tokens')} tokens{total}) to {args.out} "
           f"({size / 2**20:.1f} MiB, sha256 {manifest['sha256'][:12]})")
     return 0
 
