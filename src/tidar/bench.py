@@ -747,23 +747,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse errors are already printed as one line
         return int(e.code or 0)
-    from tidar.decoding import GenerationError
-    from tidar.weights import WeightsError
+    from tidar.cli import run_reporting_errors
 
-    try:
+    def body() -> int:
         methods = parse_methods(args.methods)
         opts = options_from_args(args)
         check_common(args)
         validate_methods(methods, opts)
         if args.data is not None and args.prompts != "prose":
             raise BenchError("--data only applies to --prompts prose")
-        prompts = load_prompts(args.prompts, args.limit, args.data)
-        return _bench(args, methods, opts, prompts)
-    except (BenchError, GenerationError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        return _bench(args, methods, opts, load_prompts(args.prompts, args.limit, args.data))
+
+    return run_reporting_errors(body, BenchError)
 
 
 def _bench(args: argparse.Namespace, methods: list[str], opts: BenchOptions, prompts: list[Prompt]) -> int:

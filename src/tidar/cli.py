@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # OMP_WAIT_POLICY is left to the user: on an idle machine the default (spinning) threads decode
 # ~1.4x faster than PASSIVE here, but under CPU contention spinning collapses (set PASSIVE then).
@@ -65,6 +65,21 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def run_reporting_errors(body: Callable[[], int], *user_errors: type[BaseException]) -> int:
+    """Run a command body: a user error (bad input, missing weights, ...) prints one line and gives
+    exit code 2 instead of a traceback; Ctrl-C gives 130."""
+    from tidar.decoding import GenerationError
+    from tidar.weights import WeightsError
+
+    try:
+        return int(body() or 0)
+    except (CLIError, GenerationError, WeightsError, *user_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def setup_torch(threads: int | None) -> None:
@@ -153,16 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return int(mod.main(argv[1:]) or 0)
     args = parser.parse_args(argv)
-    from tidar.decoding import GenerationError
-    from tidar.weights import WeightsError
-
-    try:
-        return int(args.func(args) or 0)
-    except (CLIError, GenerationError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_reporting_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":

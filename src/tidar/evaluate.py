@@ -346,16 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse errors are already printed as one line
         return int(e.code or 0)
-    from tidar.decoding import GenerationError
-    from tidar.weights import WeightsError
+    from tidar.cli import run_reporting_errors
 
-    try:
-        return cmd_humaneval(args) if args.task == "humaneval" else cmd_ppl(args)
-    except (EvalError, GenerationError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_reporting_errors(lambda: cmd_humaneval(args) if args.task == "humaneval" else cmd_ppl(args), EvalError)
 
 
 if __name__ == "__main__":
