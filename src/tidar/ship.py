@@ -99,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "choice" in op:
             best = op["choice"]["best"]
             op = {k: best[k] for k in ("block_size", "policy", "lookup_ngram") if k in best}
-            op["dtype"] = json.loads(text).get("dtype")
+            profile = json.loads(text)
+            op["dtype"] = profile.get("dtype")
+            op["compile"] = bool(profile.get("compiled", False))
     extra = {}
     if args.data:
         index = json.loads(Path(args.data, "index.json").read_text())
