@@ -60,15 +60,25 @@ class FusedLinear(nn.Module):
     per-op overhead is a large share of a CPU decode step for a model this small).
 
     The parts' weights become views into the fused weight, so nothing is stored twice. Their LoRA
-    branches (mask rows only) are fused too: one down-projection over the stacked A matrices and
-    one up-projection through a block-diagonal B with the scale folded in.
+    branches (mask rows only) are fused too: the stacked A matrices ride along as extra output rows
+    of the base matmul (its down-projection costs no extra kernel), and one up-projection through a
+    block-diagonal B with the scale folded in is added on the mask rows.
     """
 
     def __init__(self, parts: list[Linear]) -> None:
         super().__init__()
         self.sizes = [p.out_features for p in parts]
-        weight = torch.cat([p.weight.data for p in parts])
-        bias = torch.cat([p.bias.data for p in parts]) if parts[0].bias is not None else None
+        self.n_out = sum(self.sizes)
+        has_lora = all(hasattr(p, "lora_a") for p in parts)
+        if not has_lora and any(hasattr(p, "lora_a") for p in parts):
+            raise ValueError("fuse only layers that all have, or all lack, an adapter")
+        rows = [p.weight.data for p in parts] + ([p.lora_a.data for p in parts] if has_lora else [])
+        weight = torch.cat(rows)  # (sum out [+ sum r], in)
+        bias = None
+        if parts[0].bias is not None:
+            bias = torch.cat([p.bias.data for p in parts])
+            if has_lora:
+                bias = torch.cat([bias, bias.new_zeros(weight.shape[0] - self.n_out)])
         start = 0
         for p, n in zip(parts, self.sizes, strict=True):
             p.weight.data = weight[start:start + n]
@@ -79,20 +89,20 @@ class FusedLinear(nn.Module):
         # inputs, so one compiled graph serves every layer.
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
-        lora_a = lora_b = None
-        if all(hasattr(p, "lora_a") for p in parts):
-            lora_a = torch.cat([p.lora_a.data for p in parts])  # (sum r, in)
-            lora_b = torch.block_diag(*[p.lora_b.data * p.lora_scale for p in parts])  # (sum out, sum r), scaled
-        elif any(hasattr(p, "lora_a") for p in parts):
-            raise ValueError("fuse only layers that all have, or all lack, an adapter")
-        self.register_buffer("lora_a", lora_a, persistent=False)
-        self.register_buffer("lora_b", lora_b, persistent=False)
+        lora_b = torch.block_diag(*[p.lora_b.data * p.lora_scale for p in parts]) if has_lora else None
+        self.register_buffer("lora_b", lora_b, persistent=False)  # (sum out, sum r), scaled
 
     def forward(self, x: torch.Tensor, mask_rows: MaskRows) -> tuple[torch.Tensor, ...]:
-        out = F.linear(x, self.weight, self.bias)
-        if mask_rows is not None and self.lora_a is not None:
+        if self.lora_b is None or mask_rows is None:
+            # no adapter work: the base rows only (a prefix of the fused weight, no copy), so an AR
+            # step reads no more weights than the base model does
+            bias = self.bias[: self.n_out] if self.bias is not None else None
+            out = F.linear(x, self.weight[: self.n_out], bias)
+        else:
+            full = F.linear(x, self.weight, self.bias)
+            out, down = full[..., : self.n_out], full[..., self.n_out:]
             sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
-            out[sel] += F.linear(F.linear(x[sel], self.lora_a), self.lora_b)
+            out[sel] += F.linear(down[sel], self.lora_b)
         return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
 
 
