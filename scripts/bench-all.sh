@@ -21,7 +21,7 @@ if run humaneval; then  # all 164 prompts, every baseline in one process
     --no-progress | tee $R/humaneval-bf16.log
 fi
 if run fp32; then  # output equality where rounding cannot flip near-ties
-  $T bench --prompts humaneval --limit 40 --methods ar,tidar --max-new-tokens 128 --dtype float32 --threads 2 \
+  $T bench --prompts humaneval --limit 20 --methods ar,tidar --max-new-tokens 128 --dtype float32 --threads 2 \
     --json $R/humaneval-fp32.json --no-progress | tee $R/humaneval-fp32.log
 fi
 if run prose; then
@@ -29,6 +29,6 @@ if run prose; then
     --threads 2 --json $R/prose-bf16.json --no-progress | tee $R/prose-bf16.log
 fi
 if run compiled; then  # what torch.compile (opt-in) does to the same engine
-  $T bench --prompts humaneval --limit 40 --methods ar,tidar --max-new-tokens 128 --dtype bfloat16 --threads 2 \
+  $T bench --prompts humaneval --limit 20 --methods ar,tidar --max-new-tokens 128 --dtype bfloat16 --threads 2 \
     --compile --json $R/humaneval-bf16-compiled.json --no-progress | tee $R/humaneval-bf16-compiled.log
 fi
