@@ -238,3 +238,10 @@ def test_runtime_compile_falls_back_to_eager_when_inductor_fails(monkeypatch):
     assert not rt.compiled
     assert "InvalidCxxCompiler" in log.getvalue() and "running eager" in log.getvalue()
     assert rt.generate_text("abc", rt.generation_config(max_new_tokens=3)).tokens
+
+
+def test_demo_step_cost_note_states_the_break_even_point():
+    from tidar.demo import step_cost_note
+
+    note = step_cost_note({"forward_s": 3.0, "forwards": 100}, {"forward_s": 1.5, "forwards": 100})
+    assert "30.0 ms vs 15.0 ms" in note and "above 2.00 tokens/forward" in note
