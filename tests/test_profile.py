@@ -22,3 +22,26 @@ def test_choice_trades_acceptance_against_step_cost():
     assert (best["block_size"], best["policy"]) == (4, "full")
     assert abs(best["expected_speedup_vs_ar"] - 1.4 / 0.0115 * 0.010) < 1e-9
     assert interpolate(profile, 12) == 0.0115
+
+
+def test_forward_latency_times_multi_token_forwards_as_tidar_steps(monkeypatch):
+    """The adapter only works at [MASK] rows: a profile without them would miss its cost."""
+    from conftest import tiny_model
+
+    from tidar.profile import forward_latency
+
+    model = tiny_model()
+    seen = []
+    real = model.forward
+
+    def spy(ids, *args, **kwargs):
+        seen.append(ids.clone())
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    forward_latency(model, 6, prefix=8, repeats=1)
+    step = seen[-1][0].tolist()
+    b, m = model.config.block_size, model.config.mask_token_id
+    assert len(step) == 6 and m not in step[:b] and step[b:] == [m] * (6 - b)
+    forward_latency(model, 1, prefix=8, repeats=1)
+    assert seen[-1][0].tolist() != [m]  # an AR step has no mask

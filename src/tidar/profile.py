@@ -21,7 +21,11 @@ from tidar.model import KVCache, Transformer
 
 @torch.inference_mode()
 def forward_latency(model: Transformer, n_tokens: int, prefix: int = 256, repeats: int = 5) -> float:
-    """Median seconds of one forward over `n_tokens` new tokens after a `prefix`-token cache."""
+    """Median seconds of one forward over `n_tokens` new tokens after a `prefix`-token cache.
+
+    A multi-token forward is timed as a TiDAR step: the tokens after the first `block_size` are
+    [MASK] tokens, so a mask-row adapter's work (a large share of a step here) is included.
+    """
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config, 1, prefix + n_tokens, dtype)
     g = torch.Generator().manual_seed(0)
@@ -30,6 +34,7 @@ def forward_latency(model: Transformer, n_tokens: int, prefix: int = 256, repeat
     cache.valid[:, :prefix] = True
     cache.truncate(prefix)
     new = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=g)
+    new[:, model.config.block_size:] = model.config.mask_token_id
     pos = torch.arange(prefix, prefix + n_tokens)[None]
     mask = with_prefix(causal_mask(n_tokens), cache.valid[:, :prefix])
     head = model.head_weight()
