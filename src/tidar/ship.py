@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tidar.weights import ADAPTER_FILE, MANIFEST_FILE, SHIPPED_MODEL, file_sha256
+from tidar.weights import ADAPTER_FILE, MANIFEST_FILE, SHIPPED_MODEL, file_sha256, read_manifest
 
 
 def _git_commit() -> str | None:
@@ -29,17 +29,13 @@ def _git_commit() -> str | None:
 
 
 def _initial_adapter(run: Path) -> dict | None:
-    """The manifest of the adapter a training run was initialised from, if it was."""
+    """The manifest of the adapter a training run was initialised from, if it was (its `init`
+    path is read like training read it: relative to the working directory)."""
     try:
         init = json.loads((run / "config.json").read_text()).get("init", "")
     except (OSError, json.JSONDecodeError):
         return None
-    path = Path(init)
-    if not (path / MANIFEST_FILE).exists() and not path.is_absolute():
-        path = Path(__file__).resolve().parents[2] / init  # relative to the repository root
-    if (path / MANIFEST_FILE).exists():
-        return json.loads((path / MANIFEST_FILE).read_text())
-    return None
+    return read_manifest(init) if init else None
 
 
 def export(src: Path, dst: Path, operating_point: dict | None = None, dtype: torch.dtype = torch.bfloat16,

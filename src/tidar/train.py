@@ -450,11 +450,12 @@ def _base_name(init: str) -> str:
     """What an adapter manifest should name as its base: loadable from any working directory."""
     if init in ("smollm2", "base", "smollm2-135m-instruct"):
         return "smollm2"
-    from tidar.weights import MANIFEST_FILE
+    from tidar.weights import read_manifest
 
     path = Path(init).resolve()
-    if (path / MANIFEST_FILE).exists():  # continuing an adapter: its base, not the adapter itself
-        return json.loads((path / MANIFEST_FILE).read_text()).get("base", "smollm2")
+    manifest = read_manifest(path)
+    if manifest is not None:  # continuing an adapter: its base, not the adapter itself
+        return manifest.get("base", "smollm2")
     return str(path)
 
 

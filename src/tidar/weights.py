@@ -140,6 +140,12 @@ def _read_state(directory: Path) -> dict[str, torch.Tensor]:
     raise WeightsError(f"no model.safetensors in {directory}")
 
 
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    """The tidar.json of an adapter directory, or None when there is none."""
+    path = Path(directory) / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def resolve_model_path(name: str | Path | None) -> Path:
     """None -> the shipped TiDAR model if present, else the base; 'smollm2' -> the base model."""
     if name is None:
