@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Train the shipped TiDAR drafter for SmolLM2 on this CPU, in resumable chunks.
 # 1) equal-compute comparison of diffusion targets (ground truth vs self-distillation), 10 min each;
-# 2) continue the better one; 3) `extend <minutes>`: a new run initialised from the shipped adapter. Every command appends to runs/<name>/train.log; re-running resumes.
+# 2) continue the better one; 3) `extend <minutes> [<n>]`: a new run runs/smollm2-b4-self-<n> (default 2,
+# data-order seed n-1) initialised from the shipped adapter. Every command appends to runs/<name>/train.log;
+# re-running resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
@@ -18,10 +20,11 @@ if [ "$phase" = compare ]; then
 elif [ "$phase" = extend ]; then
   # Checkpoints are not committed, so a later session continues from the shipped adapter itself:
   # a fresh run (new data order: seed 1, short warmup, lower peak lr) initialised from it.
-  out="runs/smollm2-b4-self-2"
+  n="${3:-2}"
+  out="runs/smollm2-b4-self-$n"
   mkdir -p "$out"
   $TIDAR train --config configs/smollm2-adapter-b4.json targets=self init=src/tidar/assets/smollm2-tidar \
-    out_dir=$out seed=1 lr=0.0006 warmup_steps=10 max_steps=450 time_limit_min="${2:-65}" \
+    out_dir=$out seed=$((n - 1)) lr="${LR:-0.0006}" warmup_steps=10 max_steps="${MAX_STEPS:-450}" time_limit_min="${2:-65}" \
     progress=false 2>&1 | tee -a "$out/train.log"
 else
   # phase = continue:<targets> <minutes>

@@ -237,12 +237,34 @@ def test_prompt_lookup_drafts_are_lossless_and_accepted_on_repetitive_text():
     assert look.stats.tokens_per_forward > base.stats.tokens_per_forward
 
 
-def test_prompt_lookup_with_sampling_keeps_distribution():
+def test_long_lookup_drafts_extend_past_the_block_losslessly():
+    """A copied span longer than the block is verified in one step (draft length > b): output still
+    equals AR, alone and in a ragged batch whose sequences get drafts of different lengths."""
+    model = tiny_model(seed=0, vocab_size=16)
+    p = [[1, 2, 3]]
+    cfg = dict(max_new_tokens=80, block_size=3, lookup_ngram=2)
+    short = generate(model, p, GenerationConfig(**cfg))
+    long = generate(model, p, GenerationConfig(**cfg, lookup_tokens=8))
+    assert long.sequences == short.sequences == [ar(model, p, 80)[0]]
+    hist = long.stats.acceptance_histogram
+    assert len(hist) == 9 and sum(hist[3:]) > 0  # some steps accepted more than b tokens
+    assert long.stats.tokens_per_forward > short.stats.tokens_per_forward
+    assert short.stats.query_tokens_per_forward == 12 < long.stats.query_tokens_per_forward  # b + b * b = 12
+    ps = prompts(5, seed=8, vocab=16) + [[1, 2, 3]]
+    for policy in ("all", "full"):
+        c = GenerationConfig(**cfg, lookup_tokens=8, policy=policy)
+        batch = generate(model, ps, c).sequences
+        assert batch == [generate(model, [q], c).sequences[0] for q in ps] == [ar(model, [q], 80)[0] for q in ps]
+
+
+@pytest.mark.parametrize("lookup_tokens", [0, 6])
+def test_prompt_lookup_with_sampling_keeps_distribution(lookup_tokens):
     model = tiny_model(seed=4, vocab_size=8)
     model.init_weights(std=0.12, seed=4)
     prompt = [1, 5, 2, 1, 5]
     exact = exact_two_token_dist(model, prompt)
-    counts, _ = sample_pairs(model, prompt, 4000, mode="tidar", block_size=3, lookup_ngram=1)
+    counts, _ = sample_pairs(model, prompt, 4000, mode="tidar", block_size=3, lookup_ngram=1,
+                             lookup_tokens=lookup_tokens)
     stat, _ = chi_square(counts, exact)
     assert stat < THRESHOLD
 

@@ -24,6 +24,20 @@ def test_choice_trades_acceptance_against_step_cost():
     assert interpolate(profile, 12) == 0.0115
 
 
+def test_choice_uses_measured_rows_per_step_when_drafts_vary_in_length():
+    """Prompt-lookup drafts longer than the block make steps longer: the measured mean rows per
+    forward, not the nominal layout, price them."""
+    profile = {1: 0.010, 12: 0.012, 24: 0.024}
+    measured = [{"block_size": 3, "policy": "all", "lookup_tokens": 0, "tokens_per_forward": 2.0},
+                {"block_size": 3, "policy": "all", "lookup_tokens": 8, "tokens_per_forward": 2.2,
+                 "query_tokens_per_forward": 24}]
+    rows = {r["lookup_tokens"]: r for r in choose_operating_point(profile, measured)["candidates"]}
+    assert rows[0]["tokens"] == 12 and rows[8]["tokens"] == 24
+    assert choose_operating_point(profile, measured)["best"]["lookup_tokens"] == 0  # 2.2 / 24 ms < 2.0 / 12 ms
+    measured[1]["query_tokens_per_forward"] = 13
+    assert choose_operating_point(profile, measured)["best"]["lookup_tokens"] == 8
+
+
 def test_forward_latency_times_multi_token_forwards_as_tidar_steps(monkeypatch):
     """The adapter only works at [MASK] rows: a profile without them would miss its cost."""
     from conftest import tiny_model

@@ -59,6 +59,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=None, help="trust in AR logits at commit time (1.0 = lossless)")
     p.add_argument("--lookup-ngram", type=int, default=None,
                    help="merge prompt-lookup drafts matching the last N tokens (0 = off)")
+    p.add_argument("--lookup-tokens", type=int, default=None,
+                   help="longest prompt-lookup draft after the committed token; may exceed the block (0 = b-1)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=positive_int, default=None)
@@ -137,6 +139,8 @@ def build_parser() -> Parser:
                     help="also measure draft acceptance and pick the block size / policy maximizing tokens/s")
     pr.add_argument("--choose-block-sizes", type=lambda t: [positive_int(x) for x in t.split(",")], default=[2, 3, 4])
     pr.add_argument("--lookup-ngram", type=int, default=0)
+    pr.add_argument("--choose-lookup-tokens", type=lambda t: [int(x) for x in t.split(",")], default=[0],
+                    help="with --lookup-ngram: candidate prompt-lookup draft lengths (0 = within the block)")
     pr.set_defaults(func=cmd_profile)
 
     for name, module, help_ in (

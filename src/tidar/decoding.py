@@ -51,6 +51,9 @@ class GenerationConfig:
     # Prompt lookup: when the last `lookup_ngram` tokens occurred earlier in the context, draft what
     # followed them there instead of the diffusion draft (0 = off). Drafts never change the output.
     lookup_ngram: int = 0
+    # How many lookup tokens may follow the bonus token. A copied span is often longer than the
+    # diffusion block, so it may extend the draft past b tokens (0 = stay within the block, b - 1).
+    lookup_tokens: int = 0
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -71,6 +74,8 @@ class GenerationConfig:
             raise GenerationError(f"block_size must be >= 1, got {self.block_size}")
         if self.lookup_ngram < 0:
             raise GenerationError(f"lookup_ngram must be >= 0, got {self.lookup_ngram}")
+        if self.lookup_tokens < 0:
+            raise GenerationError(f"lookup_tokens must be >= 0, got {self.lookup_tokens}")
 
 
 @dataclass
@@ -79,6 +84,7 @@ class GenerationStats:
     generated_tokens: int = 0
     step_tokens: int = 0  # tokens emitted by decode steps (the prefill emits each sequence's first)
     sequence_steps: int = 0  # decode forwards summed over the sequences still running
+    query_tokens: int = 0  # new tokens (rows) fed to the decode forwards, summed
     prefill_s: float = 0.0
     forward_s: float = 0.0  # time inside model forwards (after prefill)
     total_s: float = 0.0  # wall time after prefill
@@ -87,6 +93,10 @@ class GenerationStats:
     @property
     def tokens_per_forward(self) -> float:
         return self.step_tokens / max(self.sequence_steps, 1)
+
+    @property
+    def query_tokens_per_forward(self) -> float:
+        return self.query_tokens / max(self.forwards, 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -102,6 +112,7 @@ class GenerationStats:
             "forwards": self.forwards,
             "generated_tokens": self.generated_tokens,
             "tokens_per_forward": round(self.tokens_per_forward, 4),
+            "query_tokens": self.query_tokens,
             "tokens_per_s": round(self.tokens_per_s, 3),
             "mean_acceptance": round(self.mean_acceptance, 4),
             "acceptance_histogram": list(self.acceptance_histogram),
@@ -186,6 +197,10 @@ class Decoder:
         self.model = model
         self.cfg = config
         self.b = config.block_size or model.config.block_size
+        # the longest draft a step verifies: the diffusion block, or a longer prompt-lookup span
+        self.max_draft = self.b
+        if config.mode == "tidar" and config.lookup_ngram and self.b > 1:
+            self.max_draft = max(self.b, 1 + config.lookup_tokens)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.eos = set(config.eos_token_id or model.config.eos_ids)
@@ -195,26 +210,32 @@ class Decoder:
         self._layouts: dict[tuple[int, ...], StepLayout] = {}
         self.accept_counts = torch.ones(self.b)  # running statistics for the top-k policy
 
-    # layouts are cached per set of pre-drafted acceptance lengths: no per-step mask building
-    def layout(self, accept_lengths: tuple[int, ...]) -> StepLayout:
-        lay = self._layouts.get(accept_lengths)
+    # layouts are cached per draft length and set of pre-drafted acceptance lengths
+    def layout(self, n_clean: int, accept_lengths: tuple[int, ...]) -> StepLayout:
+        key = (n_clean, *accept_lengths)
+        lay = self._layouts.get(key)
         if lay is None:
-            n_clean = 1 if self.cfg.mode == "ar" else self.b
             lay = step_layout(n_clean, self.b, accept_lengths, device=self.device)
-            self._layouts[accept_lengths] = lay
+            self._layouts[key] = lay
         return lay
 
-    def predraft_lengths(self) -> tuple[int, ...]:
+    def predraft_lengths(self, n_draft: int | None = None) -> tuple[int, ...]:
         """Acceptance lengths that get a pre-draft block. Every policy keeps a = 1: a block drafted
-        after d_1 still covers any larger a (shifted, shorter), so the next step always has a draft."""
+        after d_1 still covers any larger a (shifted, shorter), so the next step always has a draft.
+        A draft longer than the block (prompt lookup) also gets a block for its full acceptance."""
         if self.cfg.mode == "ar":
             return ()
+        n = n_draft or self.b
         if self.cfg.policy == "all":
-            return tuple(range(1, self.b + 1))
-        if self.cfg.policy == "full":  # full acceptance + the a = 1 fallback: 2 blocks
-            return tuple(sorted({1, self.b}))
-        k = min(self.cfg.policy_k, self.b)
-        return tuple(sorted({1} | set(torch.topk(self.accept_counts, k).indices.add(1).tolist())))
+            lengths = set(range(1, self.b + 1))
+        elif self.cfg.policy == "full":  # full acceptance + the a = 1 fallback: 2 blocks
+            lengths = {1, self.b}
+        else:
+            k = min(self.cfg.policy_k, self.b)
+            lengths = {1} | set(torch.topk(self.accept_counts, k).indices.add(1).tolist())
+        if n > self.b:
+            lengths.add(n)
+        return tuple(sorted(lengths))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor, cache: KVCache,
                  offset: int) -> torch.Tensor:
@@ -244,23 +265,23 @@ class Decoder:
         B = len(prompts)
         n_max = max(len(p) for p in prompts)
         tidar = cfg.mode == "tidar"
-        step_tokens = (b + b * b) if tidar else 1
+        step_tokens = (self.max_draft + b * (b + 1)) if tidar else 1
         # Slots: each step advances the cache by the batch's largest acceptance (<= b), and every
         # step emits >= 1 token for each unfinished sequence, hence this bound.
-        advance = cfg.max_new_tokens if B == 1 else b * cfg.max_new_tokens
+        advance = cfg.max_new_tokens if B == 1 else self.max_draft * cfg.max_new_tokens
         max_len = n_max + advance + step_tokens + b + 1
-        if n_max + cfg.max_new_tokens + 2 * b + 1 > model.config.max_position_embeddings:
+        if n_max + cfg.max_new_tokens + self.max_draft + b + 1 > model.config.max_position_embeddings:
             raise GenerationError(
                 f"prompt ({n_max}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
                 f"{model.config.max_position_embeddings} positions"
             )
         cache = self.cache = KVCache(model.config, B, max_len, self.dtype, self.device)
-        stats = self.stats = GenerationStats(acceptance_histogram=[0] * (b if tidar else 1))
+        stats = self.stats = GenerationStats(acceptance_histogram=[0] * (self.max_draft if tidar else 1))
         emitted = [0] * B
         done = self.done = [False] * B
         n_gram = cfg.lookup_ngram
         self.history = [list(p) for p in prompts]
-        self.ngram_index: list[dict[tuple[int, ...], int]] = [{} for _ in prompts]
+        self.ngram_index: list[dict[tuple[int, ...], list[int]]] = [{} for _ in prompts]
         if n_gram:
             for i in range(B):
                 self._index_ngrams(i, 0)
@@ -320,8 +341,8 @@ class Decoder:
 
         # ---- decode steps: one forward each
         while not all(done):
-            accept_lengths = self.predraft_lengths()
-            lay = self.layout(accept_lengths)
+            n_draft = drafts.shape[1]
+            lay = self.layout(n_draft, self.predraft_lengths(n_draft))
             S = cache.length
             T = lay.num_tokens
             step_ids = torch.full((B, T), model.config.mask_token_id, dtype=torch.long)
@@ -332,6 +353,7 @@ class Decoder:
             hidden = self._forward(step_ids.to(self.device), positions.to(self.device), attn, cache, S)
             stats.forward_s += time.perf_counter() - tf
             stats.forwards += 1
+            stats.query_tokens += T
             # The LM head is the largest matrix: while rows are nearly free (memory-bound), score
             # every row in one pass instead of reading the head twice (verify, then the block).
             all_logits = self.logits(hidden) if T <= FREE_ROWS else None
@@ -376,7 +398,7 @@ class Decoder:
             for i in range(B):
                 if not done[i]:
                     stats.acceptance_histogram[int(a[i]) - 1] += 1
-                    self.accept_counts[int(a[i]) - 1] += 1
+                    self.accept_counts[min(int(a[i]), b) - 1] += 1
                 out.append(emit(i, drafts[i, 1: int(a[i])].tolist() + [int(bonus[i])]))
             drafts, q = self._new_draft(bonus, ar_at, block_logits, shift)
             yield out
@@ -410,7 +432,8 @@ class Decoder:
 
     def _new_draft(self, bonus: torch.Tensor, ar_at: torch.Tensor, block_logits: torch.Tensor | None,
                    shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Next draft [bonus, d_2..d_b] and the distributions q the drafts were drawn from."""
+        """Next draft [bonus, d_2..d_n] and the distributions q the drafts were drawn from (n = b,
+        or more when a prompt-lookup span is longer than the block)."""
         B, b = bonus.shape[0], self.b
         if shift is None:
             shift = torch.zeros(B, dtype=torch.long)
@@ -436,32 +459,49 @@ class Decoder:
             picks = torch.where(usable[:, 1:], picks, torch.zeros_like(picks))
         drafts[:, 1:] = picks
         if self.cfg.lookup_ngram:
-            self._lookup_drafts(drafts, q)
+            drafts, q = self._lookup_drafts(drafts, q)
         return drafts, q
 
     def _index_ngrams(self, i: int, start: int) -> None:
         """Record, for every n-gram ending before position j >= start, that token j followed it."""
         n, hist, index = self.cfg.lookup_ngram, self.history[i], self.ngram_index[i]
         for j in range(max(start, n), len(hist)):
-            index[tuple(hist[j - n: j])] = j
+            index.setdefault(tuple(hist[j - n: j]), []).append(j)
 
-    def _lookup_drafts(self, drafts: torch.Tensor, q: torch.Tensor | None) -> None:
+    def _continuation(self, i: int, limit: int) -> list[int]:
+        """What followed the context's last n-gram earlier: at its latest occurrence that still has
+        `limit` tokens after it, else at its earliest (the longest continuation). The very latest
+        occurrence alone would give a one-token draft inside a repeating run."""
+        n, hist = self.cfg.lookup_ngram, self.history[i]
+        where = self.ngram_index[i].get(tuple(hist[-n:])) if len(hist) >= n else None
+        if not where:
+            return []
+        j = next((j for j in reversed(where) if len(hist) - j >= limit), where[0])
+        return hist[j: j + limit]
+
+    def _lookup_drafts(self, drafts: torch.Tensor, q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replace d_2.. by the continuation of the latest earlier occurrence of the context's last
-        n-gram (prompt lookup decoding); such drafts have a one-hot proposal distribution."""
-        n, b = self.cfg.lookup_ngram, self.b
-        for i, hist in enumerate(self.history):
-            if len(hist) < n:
-                continue
-            j = self.ngram_index[i].get(tuple(hist[-n:]))
-            if j is None:
-                continue
-            cont = hist[j: j + b - 1]  # what followed the n-gram there: drafts for d_2..
+        n-gram (prompt lookup decoding); such drafts have a one-hot proposal distribution. The
+        draft grows past the block when a continuation is longer; in a batch, sequences with a
+        shorter draft are padded with token 0 under a one-hot q (a valid, rarely accepted proposal)."""
+        b, limit = self.b, self.max_draft - 1
+        conts = [self._continuation(i, limit) for i in range(len(self.history))]
+        width = max(b, 1 + max(len(c) for c in conts))
+        if width > b:
+            wide = torch.zeros(drafts.shape[0], width, dtype=drafts.dtype)
+            wide[:, :b] = drafts
+            drafts = wide
+            if q is not None:
+                pad = F.one_hot(torch.zeros(q.shape[0], width - b, dtype=torch.long), q.shape[-1]).to(q.dtype)
+                q = torch.cat([q, pad], dim=1)
+        for i, cont in enumerate(conts):
             if not cont:
                 continue
             k = len(cont)
             drafts[i, 1: 1 + k] = torch.tensor(cont)
             if q is not None:
                 q[i, 1: 1 + k] = F.one_hot(drafts[i, 1: 1 + k], q.shape[-1]).to(q.dtype)
+        return drafts, q
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,

@@ -102,7 +102,9 @@ class FusedLinear(nn.Module):
             full = F.linear(x, self.weight, self.bias)
             out, down = full[..., : self.n_out], full[..., self.n_out:]
             sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
-            out[sel] += F.linear(down[sel], self.lora_b)
+            # a column slice of `full` is strided; bf16 matmuls on a strided input take a slow path
+            # on CPU (3-4x here), and a copy of a few rows x rank is cheap
+            out[sel] += F.linear(down[sel].contiguous(), self.lora_b)
         return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
 
 

@@ -76,7 +76,8 @@ def choose_operating_point(profile: dict[int, float], measured: Sequence[dict], 
     rows = []
     for m in measured:
         r = dict(m)
-        r["tokens"] = step_tokens(r["block_size"], r["policy"], r.get("policy_k", 2))
+        # measured rows per step where known (prompt-lookup drafts vary the step's length)
+        r["tokens"] = r.get("query_tokens_per_forward") or step_tokens(r["block_size"], r["policy"], r.get("policy_k", 2))
         r["step_s"] = interpolate(profile, r["tokens"])
         r["expected_tokens_per_s"] = r["tokens_per_forward"] / r["step_s"]
         r["expected_speedup_vs_ar"] = r["expected_tokens_per_s"] * ar_latency
@@ -101,21 +102,28 @@ def offset_acceptance(histogram: Sequence[int]) -> list[float]:
 
 
 def calibrate(runtime, block_sizes: Sequence[int], policies: Sequence[str] = ("all", "full"),  # noqa: ANN001
-              max_new_tokens: int = 64, lookup_ngram: int = 0) -> list[dict]:
-    """Measured tokens per forward of each (b, policy) on a few built-in code and prose prompts."""
+              max_new_tokens: int = 64, lookup_ngram: int = 0, lookup_tokens: Sequence[int] = (0,)) -> list[dict]:
+    """Measured tokens per forward, and query tokens per forward (prompt-lookup drafts make steps
+    longer), of each (b, policy, lookup_tokens) on a few built-in code and prose prompts."""
     out = []
     for b in block_sizes:
         for policy in policies:
-            hist = [0] * b
-            for prompt in CALIBRATION_PROMPTS:
+            for lt in lookup_tokens if lookup_ngram else (0,):
                 gen = runtime.generation_config(block_size=b, policy=policy, max_new_tokens=max_new_tokens,
-                                                lookup_ngram=lookup_ngram)
-                res = runtime.generate_text(prompt, gen)
-                hist = [h + c for h, c in zip(hist, res.stats["acceptance_histogram"], strict=True)]
-            steps = sum(hist)
-            tpf = sum((i + 1) * c for i, c in enumerate(hist)) / steps if steps else 1.0
-            out.append({"block_size": b, "policy": policy, "lookup_ngram": lookup_ngram, "tokens_per_forward": tpf,
-                        "acceptance_histogram": hist, "offset_acceptance": offset_acceptance(hist)})
+                                                lookup_ngram=lookup_ngram, lookup_tokens=lt)
+                hist: list[int] = []
+                forwards = rows = 0
+                for prompt in CALIBRATION_PROMPTS:
+                    st = runtime.generate_text(prompt, gen).stats
+                    h = st["acceptance_histogram"]
+                    hist = [x + y for x, y in zip(hist or [0] * len(h), h, strict=True)]
+                    forwards += st["forwards"]
+                    rows += st["query_tokens"]
+                steps = sum(hist)
+                tpf = sum((i + 1) * c for i, c in enumerate(hist)) / steps if steps else 1.0
+                out.append({"block_size": b, "policy": policy, "lookup_ngram": lookup_ngram, "lookup_tokens": lt,
+                            "tokens_per_forward": tpf, "query_tokens_per_forward": rows / max(forwards, 1),
+                            "acceptance_histogram": hist, "offset_acceptance": offset_acceptance(hist)})
     return out
 
 
@@ -144,14 +152,18 @@ def main(args: argparse.Namespace) -> int:
     out = {"dtype": args.dtype, "compiled": rt.compiled, "threads": torch.get_num_threads(), "prefix": args.prefix,
            "latency_s": {str(k): v for k, v in prof.items()}}
     if args.choose:
-        measured = calibrate(rt, args.choose_block_sizes, lookup_ngram=args.lookup_ngram)
+        measured = calibrate(rt, args.choose_block_sizes, lookup_ngram=args.lookup_ngram,
+                             lookup_tokens=args.choose_lookup_tokens)
         choice = choose_operating_point(prof, measured)
-        print(f"{'b':>3} {'policy':>7} {'tokens':>7} {'tok/fwd':>8} {'step ms':>8} {'exp tok/s':>10} {'vs AR':>6}")
+        print(f"{'b':>3} {'policy':>7} {'lookup':>6} {'tokens':>7} {'tok/fwd':>8} {'step ms':>8} {'exp tok/s':>10} "
+              f"{'vs AR':>6}")
         for r in choice["candidates"]:
-            print(f"{r['block_size']:>3} {r['policy']:>7} {r['tokens']:>7} {r['tokens_per_forward']:>8.2f} "
+            print(f"{r['block_size']:>3} {r['policy']:>7} {r.get('lookup_tokens', 0):>6} {r['tokens']:>7.1f} "
+                  f"{r['tokens_per_forward']:>8.2f} "
                   f"{r['step_s'] * 1e3:>8.2f} {r['expected_tokens_per_s']:>10.1f} {r['expected_speedup_vs_ar']:>6.2f}")
         best = choice["best"]
         print(f"chosen operating point: block_size={best['block_size']} policy={best['policy']} "
+              f"lookup_tokens={best.get('lookup_tokens', 0)} "
               f"(offset acceptance {', '.join(f'{a:.2f}' for a in best['offset_acceptance'])})")
         out["choice"] = choice
     if args.json:

@@ -90,9 +90,10 @@ class Runtime:
         kw: dict[str, Any] = {"block_size": self.operating_point.get("block_size"),
                               "policy": self.operating_point.get("policy", "all"),
                               "policy_k": self.operating_point.get("policy_k", 2),
-                              "lookup_ngram": self.operating_point.get("lookup_ngram", 0)}
+                              "lookup_ngram": self.operating_point.get("lookup_ngram", 0),
+                              "lookup_tokens": self.operating_point.get("lookup_tokens", 0)}
         if args is not None:
-            for k in ("mode", "max_new_tokens", "block_size", "policy", "policy_k", "beta", "lookup_ngram", "do_sample",
+            for k in ("mode", "max_new_tokens", "block_size", "policy", "policy_k", "beta", "lookup_ngram", "lookup_tokens", "do_sample",
                       "temperature", "top_k", "top_p", "seed"):
                 v = getattr(args, k, None)
                 if v is not None:
