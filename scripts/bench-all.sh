@@ -12,7 +12,7 @@ run() { [ "$part" = all ] || [ "$part" = "$1" ]; }
 if run profile; then
   # forward latency by query tokens, and the operating point from measured acceptance (eager engine)
   $T profile --dtype bfloat16 --no-compile --tokens 1,2,4,8,12,16,20,24,32,48 --repeats 7 --choose \
-    --choose-block-sizes 2,3,4 --lookup-ngram 2 --json $R/profile-bf16.json
+    --choose-block-sizes 2,3,4 --lookup-ngram 2 --choose-lookup-tokens 0,8,12,16 --json $R/profile-bf16.json
   $T profile --dtype bfloat16 --compile --tokens 1,2,4,8,12,16,20,24,32,48 --repeats 7 --json $R/profile-bf16-compiled.json
 fi
 if run humaneval; then  # all 164 prompts, every baseline in one process

@@ -57,6 +57,7 @@ class Run:
     forwards: int | None = None  # model forwards after the prefill one; None = unknown
     decode_tokens: int | None = None  # tokens emitted by those forwards
     acceptance_histogram: list[int] | None = None  # counts of acceptance lengths 1..b
+    query_tokens: int | None = None  # new tokens fed to those forwards (our engine only)
 
 
 # (prompt ids, max_new_tokens, stop strings) -> Run
@@ -284,7 +285,7 @@ def run_from_output(out: Any, wall_s: float) -> Run:
     dropped = max(st.generated_tokens - len(toks), 0)  # emitted by the last step past a stop string
     decode = st.step_tokens if st.step_tokens else max(len(toks) - 1, 0)
     hist = list(st.acceptance_histogram) if st.acceptance_histogram else None
-    return Run(toks, wall_s, st.forwards, max(decode - dropped, 0), hist)
+    return Run(toks, wall_s, st.forwards, max(decode - dropped, 0), hist, st.query_tokens)
 
 
 class EngineRunner:
@@ -541,9 +542,11 @@ def summarize(runs: dict[str, list[Run]], prompts: Sequence[Sequence[int]], max_
                 for i, c in enumerate(h):
                     hist[i] += c
         n_acc = sum(hist) if hist else 0
+        rows = sum(r.query_tokens or 0 for r in rs) if all(r.query_tokens is not None for r in rs) else None
         entry: dict[str, Any] = {
             "tokens_per_s": round(gen / wall, 3) if wall > 0 else None,
             "tokens_per_forward": round(decode / forwards, 4) if forwards else None,
+            "query_tokens_per_forward": round(rows / forwards, 3) if rows is not None and forwards else None,
             "speedup_vs_ar": None,
             "matches_ar": None,
             "mean_acceptance": round(sum((i + 1) * c for i, c in enumerate(hist)) / n_acc, 4) if n_acc else None,
@@ -665,11 +668,12 @@ def format_table(methods: dict[str, dict[str, Any]]) -> str:
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    rows = [f"{'method':<16} {'tok/s':>9} {'tok/fwd':>8} {'speedup':>8} {'matches_ar':>10} {'mean acc':>9}"]
+    rows = [f"{'method':<16} {'tok/s':>9} {'tok/fwd':>8} {'speedup':>8} {'matches_ar':>10} {'mean acc':>9} "
+            f"{'rows/fwd':>9}"]
     for name, e in methods.items():
         rows.append(f"{name:<16} {f(e['tokens_per_s'], '.1f'):>9} {f(e['tokens_per_forward'], '.2f'):>8} "
                     f"{f(e['speedup_vs_ar'], '.2f'):>8} {f(e['matches_ar'], '.2f'):>10} "
-                    f"{f(e['mean_acceptance'], '.2f'):>9}")
+                    f"{f(e['mean_acceptance'], '.2f'):>9} {f(e.get('query_tokens_per_forward'), '.1f'):>9}")
     return "\n".join(rows)
 
 
