@@ -73,17 +73,17 @@ class BenchOptions:
     policy: str | None = None
     policy_k: int | None = None
     lookup_ngram: int | None = None  # tidar: merge prompt-lookup drafts (None = the operating point's)
-    lookup_tokens: int | None = None  # tidar: longest prompt-lookup draft after the bonus (None = op point's)
+    tidar_lookup_tokens: int | None = None  # tidar: longest prompt-lookup draft after the bonus (None = op point's)
     draft_model: str | None = None
     draft_layers: int | None = None  # spec: draft = the target's first N layers (when no --draft-model)
     threshold: float = 0.9
     gamma: int = 4
-    hf_lookup_tokens: int = LOOKUP_TOKENS  # hf-lookup / llamacpp-lookup candidates per step
+    lookup_tokens: int = LOOKUP_TOKENS  # hf-lookup / llamacpp-lookup candidates per step
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("block_size", "policy", "policy_k", "lookup_ngram", "draft_model",
                                               "draft_layers", "threshold", "gamma", "lookup_tokens",
-                                              "hf_lookup_tokens")}
+                                              "tidar_lookup_tokens")}
 
 
 @dataclass
@@ -445,7 +445,7 @@ def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_
     import torch
 
     engine: dict[str, Any] = {"block_size": opts.block_size, "policy": opts.policy, "policy_k": opts.policy_k,
-                              "lookup_ngram": opts.lookup_ngram, "lookup_tokens": opts.lookup_tokens}
+                              "lookup_ngram": opts.lookup_ngram, "lookup_tokens": opts.tidar_lookup_tokens}
     runners: dict[str, Runner] = {}
     for m in methods:
         if m == "ar":  # plain AR: no prompt-lookup bookkeeping even if the operating point has it
@@ -476,11 +476,11 @@ def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_
         base = HFRunner.load(directory, opts.dtype, runtime.tokenizer, runtime.eos_ids)
         for m in hf:  # one set of weights for both; each runner's hook counts only during its own calls
             runners[m] = base if m == "hf" else HFRunner(base.model, runtime.tokenizer, runtime.eos_ids,
-                                                         opts.hf_lookup_tokens)
+                                                         opts.lookup_tokens)
     for m in methods:
         if m.startswith("llamacpp"):
             runners[m] = LlamaCppRunner.load(opts.threads or torch.get_num_threads(), max_len, runtime.tokenizer,
-                                             runtime.eos_ids, opts.hf_lookup_tokens if m == "llamacpp-lookup" else None)
+                                             runtime.eos_ids, opts.lookup_tokens if m == "llamacpp-lookup" else None)
     return runners
 
 
@@ -733,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(model=args.model, dtype=args.dtype, threads=args.threads, block_size=args.block_size,
                         policy=args.policy, policy_k=args.policy_k, lookup_ngram=args.lookup_ngram,
-                        lookup_tokens=args.lookup_tokens, draft_model=args.draft_model, draft_layers=args.draft_layers,
+                        tidar_lookup_tokens=args.lookup_tokens, draft_model=args.draft_model, draft_layers=args.draft_layers,
                         threshold=args.threshold,
                         gamma=args.gamma)
 
