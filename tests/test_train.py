@@ -364,4 +364,6 @@ def test_export_of_a_continued_run_records_the_lineage(tmp_path: Path, shards: P
     m2 = export(Path(second.out_dir), shipped)  # overwrites the adapter it was initialised from
     assert [e["tokens"] for e in m2["lineage"]] == [m1["tokens"], m2["tokens"]]
     assert m2["tokens_total"] == 2 * m1["tokens"]
+    m3 = export(Path(second.out_dir), shipped, {"block_size": 2})  # re-export, e.g. a new operating point
+    assert m3["lineage"] == m2["lineage"] and m3["tokens_total"] == m2["tokens_total"]
     assert load_model(shipped).has_adapter

@@ -53,6 +53,9 @@ def export(src: Path, dst: Path, operating_point: dict | None = None, dtype: tor
     # total tokens seen (read before `dst` is overwritten, which may be that same adapter).
     if prior is not None:
         earlier = prior.get("lineage") or [{k: prior.get(k) for k in ("exported_from", "step", "tokens", "targets")}]
+        # exporting the same checkpoint again (e.g. with a new operating point) into the adapter the
+        # run started from must not count its tokens twice
+        earlier = [e for e in earlier if e.get("exported_from") != str(src)]
         manifest["lineage"] = [*earlier, {"exported_from": str(src), "step": manifest.get("step"),
                                           "tokens": manifest.get("tokens"), "targets": manifest.get("targets")}]
         manifest["tokens_total"] = sum(int(e.get("tokens") or 0) for e in manifest["lineage"])
