@@ -39,3 +39,19 @@ def test_shipped_model_is_lossless_on_smollm2():
         ti = rt.generate_text(prompt, rt.generation_config(max_new_tokens=48))
         ar = rt.generate_text(prompt, rt.generation_config(mode="ar", max_new_tokens=48))
         assert ti.tokens == ar.tokens
+
+
+@pytest.mark.slow
+def test_demo_runs_and_checks_bf16_differences_in_float32(tmp_path):
+    """`make demo`'s job end to end, short: every prompt gets a bf16 match verdict, and any prompt
+    that differed in bf16 is re-run in float32, where it must match."""
+    from tidar import demo
+
+    assert demo.main(["--max-new-tokens", "24", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "demo.json").read_text())
+    assert [r["prompt"] for r in rows] == [p[0] for p in demo.PROMPTS]
+    for r in rows:
+        assert isinstance(r["matches_ar"], bool) and r["tidar"]["tokens_per_forward"] >= 1.0
+        if not r["matches_ar"]:
+            assert r["matches_ar_float32"] is True
+    assert (tmp_path / "demo.png").exists()
