@@ -7,6 +7,10 @@ at d_a gives the next committed token (the "bonus", next step's d_1), and the bl
 gives the rest of the next draft. Greedy output equals AR greedy output; sampling uses
 speculative rejection sampling so the output distribution equals AR sampling.
 
+Prompt lookup (optional): when the context's last n-gram occurred earlier, what followed it there
+replaces d_2.. and may run past the block (`lookup_tokens`); the step then verifies that longer
+draft and also pre-drafts a block for its full acceptance.
+
 Batch > 1: all sequences write the same cache slots each step; a sequence that accepted fewer
 tokens than the batch maximum leaves invalid slots ("holes") that its attention mask hides.
 """
