@@ -59,3 +59,15 @@ def test_forward_latency_times_multi_token_forwards_as_tidar_steps(monkeypatch):
     assert len(step) == 6 and m not in step[:b] and step[b:] == [m] * (6 - b)
     forward_latency(model, 1, prefix=8, repeats=1)
     assert seen[-1][0].tolist() != [m]  # an AR step has no mask
+
+
+def test_nominal_step_tokens_are_what_the_engine_feeds():
+    """The chooser's and the bench report's step size (`step_tokens`) is the engine's real layout."""
+    from conftest import tiny_model
+
+    from tidar.decoding import GenerationConfig, generate
+
+    model = tiny_model(seed=1)
+    for policy in ("all", "full"):
+        out = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=12, block_size=3, policy=policy))
+        assert out.stats.query_tokens_per_forward == step_tokens(3, policy)

@@ -682,9 +682,9 @@ def tidar_step_tokens(runtime: Any, opts: BenchOptions) -> int:
     pre-drafted acceptance length)."""
     cfg = runtime.generation_config(block_size=opts.block_size, policy=opts.policy, policy_k=opts.policy_k,
                                     lookup_ngram=opts.lookup_ngram)
-    b = cfg.block_size or runtime.model.config.block_size
-    blocks = {"all": b, "full": 1, "topk": min(cfg.policy_k, b)}[cfg.policy]
-    return b + blocks * b
+    from tidar.profile import step_tokens
+
+    return step_tokens(cfg.block_size or runtime.model.config.block_size, cfg.policy, cfg.policy_k)
 
 
 # -- CLI -------------------------------------------------------------------------------------------

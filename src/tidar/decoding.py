@@ -484,8 +484,8 @@ class Decoder:
         return hist[j: j + limit]
 
     def _lookup_drafts(self, drafts: torch.Tensor, q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Replace d_2.. by the continuation of the latest earlier occurrence of the context's last
-        n-gram (prompt lookup decoding); such drafts have a one-hot proposal distribution. The
+        """Replace d_2.. by what followed an earlier occurrence of the context's last n-gram (prompt
+        lookup decoding, see `_continuation`); such drafts have a one-hot proposal distribution. The
         draft grows past the block when a continuation is longer; in a batch, sequences with a
         shorter draft are padded with token 0 under a one-hot q (a valid, rarely accepted proposal)."""
         b, limit = self.b, self.max_draft - 1

@@ -79,12 +79,14 @@ def plot_bench(report: dict[str, Any], out_dir: str | Path, profile: dict[str, A
         ax.set_title(f"TiDAR acceptance length (mean {mean:.2f})" if mean else "TiDAR acceptance length")
         written.append(_save(fig, out / "acceptance.png"))
     if profile is not None:
-        step = (report.get("config") or {}).get("tidar_step_tokens")
+        # the rows TiDAR's forwards actually fed, where measured (prompt-lookup spans lengthen steps)
+        step = (methods.get("tidar") or {}).get("query_tokens_per_forward") or \
+            (report.get("config") or {}).get("tidar_step_tokens")
         written.append(plot_latency_profile(profile, out / "latency.png", operating_tokens=step))
     return written
 
 
-def plot_latency_profile(profile: dict[str, Any], png_path: str | Path, operating_tokens: int | None = None) -> Path:
+def plot_latency_profile(profile: dict[str, Any], png_path: str | Path, operating_tokens: float | None = None) -> Path:
     """Forward latency (ms) vs new tokens per forward, from `tidar profile --json`. Marked: the AR
     step (T=1), the operating point `tidar profile --choose` picked (if the profile has one) and the
     benchmarked TiDAR step (`operating_tokens`, if given and different)."""
@@ -106,14 +108,14 @@ def plot_latency_profile(profile: dict[str, Any], png_path: str | Path, operatin
     marks = []
     best = (profile.get("choice") or {}).get("best")
     if best and best.get("tokens"):
-        marks.append((int(best["tokens"]), f"chosen: b={best.get('block_size')} {best.get('policy')}", "tab:red", "*"))
+        marks.append((best["tokens"], f"chosen: b={best.get('block_size')} {best.get('policy')}", "tab:red", "*"))
     if operating_tokens and all(t != operating_tokens for t, *_ in marks):
         marks.append((operating_tokens, "benchmarked TiDAR step", "tab:orange", "D"))
     for t, label, color, marker in marks:
         y = interpolate(lat, t) * 1e3
         ax.axvline(t, color=color, ls="--", lw=1)
         ax.plot([t], [y], marker, color=color, ms=11 if marker == "*" else 7,
-                label=f"{label} (T={t}, {y / ar_ms:.2f}x an AR step)")
+                label=f"{label} (T={t:.3g}, {y / ar_ms:.2f}x an AR step)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, png_path, dpi=120)
