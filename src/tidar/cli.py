@@ -21,6 +21,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -139,7 +149,7 @@ def build_parser() -> Parser:
                     help="also measure draft acceptance and pick the block size / policy maximizing tokens/s")
     pr.add_argument("--choose-block-sizes", type=lambda t: [positive_int(x) for x in t.split(",")], default=[2, 3, 4])
     pr.add_argument("--lookup-ngram", type=int, default=0)
-    pr.add_argument("--choose-lookup-tokens", type=lambda t: [int(x) for x in t.split(",")], default=[0],
+    pr.add_argument("--choose-lookup-tokens", type=lambda t: [non_negative_int(x) for x in t.split(",")], default=[0],
                     help="with --lookup-ngram: candidate prompt-lookup draft lengths (0 = within the block)")
     pr.set_defaults(func=cmd_profile)
 
