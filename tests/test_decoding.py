@@ -239,34 +239,79 @@ def test_prompt_lookup_drafts_are_lossless_and_accepted_on_repetitive_text():
 
 def test_long_lookup_drafts_extend_past_the_block_losslessly():
     """A copied span longer than the block is verified in one step (draft length > b): output still
-    equals AR, alone and in a ragged batch whose sequences get drafts of different lengths."""
+    equals AR, alone and in a ragged batch whose sequences get drafts of different lengths, whether
+    or not such steps also pre-draft [MASK] blocks."""
     model = tiny_model(seed=0, vocab_size=16)
     p = [[1, 2, 3]]
     cfg = dict(max_new_tokens=80, block_size=3, lookup_ngram=2)
     short = generate(model, p, GenerationConfig(**cfg))
     long = generate(model, p, GenerationConfig(**cfg, lookup_tokens=8))
-    assert long.sequences == short.sequences == [ar(model, p, 80)[0]]
-    hist = long.stats.acceptance_histogram
-    assert len(hist) == 9 and sum(hist[3:]) > 0  # some steps accepted more than b tokens
-    assert long.stats.tokens_per_forward > short.stats.tokens_per_forward
-    assert short.stats.query_tokens_per_forward == 12 < long.stats.query_tokens_per_forward  # b + b * b = 12
+    with_blocks = generate(model, p, GenerationConfig(**cfg, lookup_tokens=8, span_predraft=True))
+    assert long.sequences == with_blocks.sequences == short.sequences == [ar(model, p, 80)[0]]
+    for out in (long, with_blocks):
+        hist = out.stats.acceptance_histogram
+        assert len(hist) == 9 and sum(hist[3:]) > 0  # some steps accepted more than b tokens
+        assert out.stats.tokens_per_forward > short.stats.tokens_per_forward
+    assert short.stats.query_tokens_per_forward == 12  # b + b * b
+    # span steps with blocks feed the span plus 3 blocks of 3 masks; without, the span alone
+    assert with_blocks.stats.query_tokens_per_forward > 12
+    assert long.stats.query_tokens_per_forward < with_blocks.stats.query_tokens_per_forward
     ps = prompts(5, seed=8, vocab=16) + [[1, 2, 3]]
-    for policy in ("all", "full"):
-        c = GenerationConfig(**cfg, lookup_tokens=8, policy=policy)
+    for policy, span_predraft in (("all", False), ("full", False), ("full", True)):
+        c = GenerationConfig(**cfg, lookup_tokens=8, policy=policy, span_predraft=span_predraft)
         batch = generate(model, ps, c).sequences
         assert batch == [generate(model, [q], c).sequences[0] for q in ps] == [ar(model, [q], 80)[0] for q in ps]
 
 
-@pytest.mark.parametrize("lookup_tokens", [0, 6])
-def test_prompt_lookup_with_sampling_keeps_distribution(lookup_tokens):
-    model = tiny_model(seed=4, vocab_size=8)
+def test_span_steps_skip_predraft_only_when_every_sequence_has_a_span():
+    from tidar.decoding import Decoder
+
+    model = tiny_model(seed=0)
+    dec = Decoder(model, GenerationConfig(block_size=3, policy="full", lookup_ngram=2, lookup_tokens=8))
+    dec.done = [False, False]
+    dec.span_lengths = [9, 5]
+    assert dec.predraft_lengths(9) == ()
+    dec.span_lengths = [9, 3]  # the second sequence has a diffusion draft: it needs its blocks
+    assert dec.predraft_lengths(9) == (1, 3, 9)
+    dec.done = [False, True]  # ...unless it has finished
+    assert dec.predraft_lengths(9) == ()
+    dec.span_lengths = [1, 1]  # after a step without blocks: the bonus token alone
+    assert dec.predraft_lengths(1) == (1,)
+    dec.cfg.span_predraft = True
+    dec.span_lengths = [9, 9]
+    assert dec.predraft_lengths(9) == (1, 3, 9)
+
+
+def exact_three_token_dist(model, prompt) -> torch.Tensor:
+    """p(t1, t2, t3 | prompt) under AR sampling at temperature 1, computed exhaustively. (V, V, V)"""
+    V = model.config.vocab_size
+    p12 = exact_two_token_dist(model, prompt)
+    n = len(prompt) + 2
+    seqs = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
+    with torch.no_grad():
+        p3 = warp(model(seqs, torch.arange(n)[None], causal_mask(n))[:, -1]).view(V, V, V)
+    return p12[:, :, None] * p3
+
+
+@pytest.mark.parametrize("span_predraft", [False, True])
+def test_prompt_lookup_with_sampling_keeps_distribution_with_long_spans(span_predraft):
+    """Every 1-gram of this prompt recurs with a long continuation, so every draft is a span past
+    the block: three tokens cover the step verifying the prefill's draft and the one verifying the
+    draft built after a span step (the bonus token plus a span, without blocks unless
+    span_predraft)."""
+    model = tiny_model(seed=4, vocab_size=4)
     model.init_weights(std=0.12, seed=4)
-    prompt = [1, 5, 2, 1, 5]
-    exact = exact_two_token_dist(model, prompt)
-    counts, _ = sample_pairs(model, prompt, 4000, mode="tidar", block_size=3, lookup_ngram=1,
-                             lookup_tokens=lookup_tokens)
+    prompt = [0, 1, 2, 3] * 3
+    exact = exact_three_token_dist(model, prompt)
+    out = generate(model, [prompt] * 4000, GenerationConfig(
+        do_sample=True, max_new_tokens=3, seed=99, block_size=3, lookup_ngram=1, lookup_tokens=6,
+        span_predraft=span_predraft))
+    counts = torch.zeros(4, 4, 4)
+    for s in out.sequences:
+        counts[s[0], s[1], s[2]] += 1
     stat, _ = chi_square(counts, exact)
     assert stat < THRESHOLD
+    assert out.stats.acceptance_histogram[0] > 0 and out.stats.forwards >= 2
 
 
 def test_compiled_blocks_match_eager_and_stay_lossless():

@@ -126,3 +126,43 @@ def test_hf_style_round_trip_and_generate(tmp_path):
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     out = again.generate(ids, max_new_tokens=6, mode="tidar", block_size=3)
     assert out == model.generate(ids, max_new_tokens=6, mode="ar") and len(out[0]) == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_give_the_unpacked_logits(dtype):
+    """oneDNN-packed inference weights (the CPU fast path) compute what plain F.linear does: bit
+    for bit in bfloat16, to rounding in float32; with adapter rows as a suffix and as a bool mask."""
+    from tidar.config import AdapterConfig
+    from tidar.model import KVCache, pack_weight
+
+    model = tiny_model(attention_bias=True)
+    model.add_adapter(AdapterConfig(rank=4))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_b" in n:
+                p.normal_(0, 0.3)
+    model = model.to(dtype).fuse_for_inference(pack=False)
+    assert not model.packed
+    if pack_weight(model.head_weight()) is None:
+        pytest.skip("this torch build cannot pack weights for oneDNN")
+    m = model.config.mask_token_id
+    suffix = torch.tensor([[5, 7, 9, m, m], [1, 2, 3, m, m]])
+    scattered = torch.tensor([[5, m, 9, m, 4], [1, 2, m, m, 3]])
+    mask = torch.ones(5, 5, dtype=torch.bool)
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        cache = KVCache(model.config, 2, 5, dtype)
+        with torch.no_grad():
+            return model(ids, torch.arange(5)[None], mask, cache=cache, offset=0).float()
+
+    plain = [logits(ids) for ids in (suffix, scattered)]
+    model.pack_weights()
+    assert model.packed and model.layers[0].mlp.gate_up.packed_lora_b is not None
+    for ids, expected in zip((suffix, scattered), plain, strict=True):
+        got = logits(ids)
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    model.pack_weights(False)
+    assert not model.packed and model.layers[0].mlp.gate_up.packed_full is None

@@ -28,7 +28,7 @@ def _prefill(model: Transformer, prompt: Sequence[int], cache: KVCache) -> torch
 
 
 def _logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:
-    return F.linear(h, model.head_weight()).float()
+    return model.head(h).float()
 
 
 class _Emitter:

@@ -8,8 +8,11 @@ gives the rest of the next draft. Greedy output equals AR greedy output; samplin
 speculative rejection sampling so the output distribution equals AR sampling.
 
 Prompt lookup (optional): when the context's last n-gram occurred earlier, what followed it there
-replaces d_2.. and may run past the block (`lookup_tokens`); the step then verifies that longer
-draft and also pre-drafts a block for its full acceptance.
+replaces d_2.. and may run past the block (`lookup_tokens`). A step verifying such a span feeds no
+[MASK] blocks by default (`span_predraft`): inside a repeat the next draft is usually a copied
+span again, and mask rows are the expensive part of a CPU step (they run the adapter). After a
+partial acceptance the next draft is then the bonus token alone (plus any new lookup span), and
+that step pre-drafts as usual.
 
 Batch > 1: all sequences write the same cache slots each step; a sequence that accepted fewer
 tokens than the batch maximum leaves invalid slots ("holes") that its attention mask hides.
@@ -58,6 +61,10 @@ class GenerationConfig:
     # How many lookup tokens may follow the bonus token. A copied span is often longer than the
     # diffusion block, so it may extend the draft past b tokens (0 = stay within the block, b - 1).
     lookup_tokens: int = 0
+    # Whether a step verifying a lookup span longer than the block also pre-drafts [MASK] blocks
+    # for the next step (blocks for acceptance 1, b and the full span). Off: such steps are plain
+    # verification; measured faster on code, where copied spans usually continue.
+    span_predraft: bool = False
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -212,6 +219,7 @@ class Decoder:
         # an unseeded Generator always starts from the same state: seed it from the OS instead
         self.generator.manual_seed(config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self._layouts: dict[tuple[int, ...], StepLayout] = {}
+        self.span_lengths: list[int] = []  # each sequence's current draft length (lookup spans vary)
         self.accept_counts = torch.ones(self.b)  # running statistics for the top-k policy
 
     # layouts are cached per draft length and set of pre-drafted acceptance lengths
@@ -226,10 +234,14 @@ class Decoder:
     def predraft_lengths(self, n_draft: int | None = None) -> tuple[int, ...]:
         """Acceptance lengths that get a pre-draft block. Every policy keeps a = 1: a block drafted
         after d_1 still covers any larger a (shifted, shorter), so the next step always has a draft.
-        A draft longer than the block (prompt lookup) also gets a block for its full acceptance."""
+        A draft longer than the block (prompt lookup) gets a block for its full acceptance, or,
+        unless `span_predraft`, no blocks at all when every sequence verifies such a span."""
         if self.cfg.mode == "ar":
             return ()
         n = n_draft or self.b
+        if n > self.b and not self.cfg.span_predraft and all(
+                k > self.b for k, done in zip(self.span_lengths, self.done, strict=True) if not done):
+            return ()
         if self.cfg.policy == "all":
             lengths = set(range(1, self.b + 1))
         elif self.cfg.policy == "full":  # full acceptance + the a = 1 fallback: 2 blocks
@@ -239,14 +251,14 @@ class Decoder:
             lengths = {1} | set(torch.topk(self.accept_counts, k).indices.add(1).tolist())
         if n > self.b:
             lengths.add(n)
-        return tuple(sorted(lengths))
+        return tuple(sorted(a for a in lengths if a <= n))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor, cache: KVCache,
                  offset: int) -> torch.Tensor:
         return self.model(ids, positions, attn_mask, cache=cache, offset=offset, return_hidden=True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.model.head_weight()).float()
+        return self.model.head(hidden).float()
 
     def _dist(self, logits: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -437,15 +449,20 @@ class Decoder:
     def _new_draft(self, bonus: torch.Tensor, ar_at: torch.Tensor, block_logits: torch.Tensor | None,
                    shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next draft [bonus, d_2..d_n] and the distributions q the drafts were drawn from (n = b,
-        or more when a prompt-lookup span is longer than the block)."""
+        more when a prompt-lookup span is longer than the block, 1 after a step without blocks)."""
         B, b = bonus.shape[0], self.b
         if shift is None:
             shift = torch.zeros(B, dtype=torch.long)
+        if b == 1 or block_logits is None:
+            drafts = bonus[:, None].clone()
+            # q[:, 0] is never read (d_1 is committed), but sampling needs q's shape
+            q = torch.zeros(B, 1, ar_at.shape[-1]) if self.cfg.do_sample else None
+            self.span_lengths = [1] * B
+            if b > 1 and self.cfg.lookup_ngram:
+                drafts, q = self._lookup_drafts(drafts, q)
+            return drafts, q
         drafts = torch.zeros(B, b, dtype=torch.long)
         drafts[:, 0] = bonus
-        if b == 1:
-            return drafts, None
-        assert block_logits is not None
         # rows 1.. of the block predict positions after the bonus; rows beyond the block's end
         # (shift > 0) have no draft: fill them with a token and a one-hot q (a valid proposal).
         usable = (torch.arange(b)[None, :] + shift[:, None]) < b  # (B, b)
@@ -462,6 +479,7 @@ class Decoder:
             picks = block_logits[:, 1:].argmax(-1)
             picks = torch.where(usable[:, 1:], picks, torch.zeros_like(picks))
         drafts[:, 1:] = picks
+        self.span_lengths = [b] * B
         if self.cfg.lookup_ngram:
             drafts, q = self._lookup_drafts(drafts, q)
         return drafts, q
@@ -488,20 +506,21 @@ class Decoder:
         lookup decoding, see `_continuation`); such drafts have a one-hot proposal distribution. The
         draft grows past the block when a continuation is longer; in a batch, sequences with a
         shorter draft are padded with token 0 under a one-hot q (a valid, rarely accepted proposal)."""
-        b, limit = self.b, self.max_draft - 1
+        w, limit = drafts.shape[1], self.max_draft - 1
         conts = [self._continuation(i, limit) for i in range(len(self.history))]
-        width = max(b, 1 + max(len(c) for c in conts))
-        if width > b:
+        width = max(w, 1 + max(len(c) for c in conts))
+        if width > w:
             wide = torch.zeros(drafts.shape[0], width, dtype=drafts.dtype)
-            wide[:, :b] = drafts
+            wide[:, :w] = drafts
             drafts = wide
             if q is not None:
-                pad = F.one_hot(torch.zeros(q.shape[0], width - b, dtype=torch.long), q.shape[-1]).to(q.dtype)
+                pad = F.one_hot(torch.zeros(q.shape[0], width - w, dtype=torch.long), q.shape[-1]).to(q.dtype)
                 q = torch.cat([q, pad], dim=1)
         for i, cont in enumerate(conts):
             if not cont:
                 continue
             k = len(cont)
+            self.span_lengths[i] = max(self.span_lengths[i], 1 + k)
             drafts[i, 1: 1 + k] = torch.tensor(cont)
             if q is not None:
                 q[i, 1: 1 + k] = F.one_hot(drafts[i, 1: 1 + k], q.shape[-1]).to(q.dtype)

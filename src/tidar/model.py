@@ -34,6 +34,29 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def packable(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can pre-pack this weight (a CPU float32/bfloat16 build with mkldnn)."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """The (out, in) weight in oneDNN's blocked layout, or None where that is unavailable.
+
+    An unpacked CPU `F.linear` re-lays its weight out on every call; for a decode step's few rows
+    that costs as much as the matmul itself (packing halved a bf16 SmolLM2 step's matmul time here,
+    with bit-identical bf16 results)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1) if packable(weight) else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through the pre-packed weight when there is one."""
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class Linear(nn.Linear):
     """nn.Linear plus an optional LoRA branch that is added only on rows flagged as [MASK] tokens."""
 
@@ -91,20 +114,31 @@ class FusedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         lora_b = torch.block_diag(*[p.lora_b.data * p.lora_scale for p in parts]) if has_lora else None
         self.register_buffer("lora_b", lora_b, persistent=False)  # (sum out, sum r), scaled
+        # oneDNN-packed copies (see `pack_weight`): plain attributes, never saved or moved
+        self.packed_base: torch.Tensor | None = None
+        self.packed_full: torch.Tensor | None = None
+        self.packed_lora_b: torch.Tensor | None = None
+
+    def pack(self, enable: bool = True) -> None:
+        """Pre-pack the weights for CPU inference (or drop the packed copies: enable=False)."""
+        lora = self.lora_b is not None
+        self.packed_base = pack_weight(self.weight[: self.n_out]) if enable else None
+        self.packed_full = pack_weight(self.weight) if enable and lora else None
+        self.packed_lora_b = pack_weight(self.lora_b) if enable and lora else None
 
     def forward(self, x: torch.Tensor, mask_rows: MaskRows) -> tuple[torch.Tensor, ...]:
         if self.lora_b is None or mask_rows is None:
             # no adapter work: the base rows only (a prefix of the fused weight, no copy), so an AR
             # step reads no more weights than the base model does
             bias = self.bias[: self.n_out] if self.bias is not None else None
-            out = F.linear(x, self.weight[: self.n_out], bias)
+            out = linear(x, self.weight[: self.n_out], self.packed_base, bias)
         else:
-            full = F.linear(x, self.weight, self.bias)
+            full = linear(x, self.weight, self.packed_full, self.bias)
             out, down = full[..., : self.n_out], full[..., self.n_out:]
             sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
             # a column slice of `full` is strided; bf16 matmuls on a strided input take a slow path
             # on CPU (3-4x here), and a copy of a few rows x rank is cheap
-            out[sel] += F.linear(down[sel].contiguous(), self.lora_b)
+            out[sel] += linear(down[sel].contiguous(), self.lora_b, self.packed_lora_b)
         return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
 
 
@@ -254,6 +288,7 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self._compiled_block: object | None = None
+        self._packed_head: torch.Tensor | None = None
         if config.adapter is not None:
             self.add_adapter(config.adapter)
 
@@ -272,16 +307,35 @@ class Transformer(nn.Module):
                     mod.to(device=mod.weight.device)
 
     @torch.no_grad()
-    def fuse_for_inference(self) -> Transformer:
-        """Fuse q/k/v and gate/up projections and their adapters (call after the last `.to()` and
-        after loading weights: the fused adapter is a copy; training ignores the fused path)."""
+    def fuse_for_inference(self, pack: bool = True) -> Transformer:
+        """Fuse q/k/v and gate/up projections and their adapters, and (`pack`, CPU) pre-pack every
+        inference weight for oneDNN. Call after the last `.to()` and after loading weights: the
+        fused adapter and the packed weights are copies; training ignores the fused path."""
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
             attn.o = FusedLinear([attn.o_proj])
             mlp.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
             mlp.down = FusedLinear([mlp.down_proj])
+        return self.pack_weights(pack)
+
+    @torch.no_grad()
+    def pack_weights(self, enable: bool = True) -> Transformer:
+        """Pre-pack the fused projections and the LM head (enable=False drops the packed copies)."""
+        for layer in self.layers:
+            for fused in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down):
+                if fused is not None:
+                    fused.pack(enable)
+        self._packed_head = pack_weight(self.head_weight()) if enable else None
         return self
+
+    @property
+    def packed(self) -> bool:
+        return self._packed_head is not None
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits (in the model's dtype) for final-norm hidden states."""
+        return linear(hidden, self.head_weight(), self._packed_head)
 
     def compile_blocks(self) -> Transformer:
         """Run each decoder block through one `torch.compile`d function (inference only).
@@ -290,12 +344,17 @@ class Transformer(nn.Module):
         norms, RoPE and elementwise ops into a few C++ kernels. Every block has the same structure
         and its weights are graph inputs, so one graph (per step shape family) serves all layers.
         The first call compiles (tens of seconds; inductor caches on disk across processes).
+        Compiled blocks use the plain weights: inductor does its own weight handling.
         """
         self._compiled_block = torch.compile(_run_block, dynamic=True)
+        self._was_packed = self.packed
+        self.pack_weights(False)
         return self
 
     def decompile_blocks(self) -> Transformer:
         self._compiled_block = None
+        if getattr(self, "_was_packed", False):
+            self.pack_weights(True)
         return self
 
     @property
@@ -353,7 +412,7 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if return_hidden:
             return x
-        return F.linear(x, self.head_weight())  # (B, T', V)
+        return self.head(x)  # (B, T', V)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> Transformer:
