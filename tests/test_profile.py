@@ -59,6 +59,8 @@ def test_forward_latency_times_multi_token_forwards_as_tidar_steps(monkeypatch):
     assert len(step) == 6 and m not in step[:b] and step[b:] == [m] * (6 - b)
     forward_latency(model, 1, prefix=8, repeats=1)
     assert seen[-1][0].tolist() != [m]  # an AR step has no mask
+    forward_latency(model, 6, prefix=8, repeats=1, masks=False)  # a plain verification step
+    assert len(seen[-1][0]) == 6 and m not in seen[-1][0].tolist()
 
 
 def test_nominal_step_tokens_are_what_the_engine_feeds():
@@ -71,3 +73,15 @@ def test_nominal_step_tokens_are_what_the_engine_feeds():
     for policy in ("all", "full"):
         out = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=12, block_size=3, policy=policy))
         assert out.stats.query_tokens_per_forward == step_tokens(3, policy)
+
+
+def test_steps_without_masks_are_priced_on_the_plain_profile():
+    """Lookup spans verified without pre-drafting feed no [MASK] rows, so no adapter work: the
+    chooser prices those steps on the no-mask profile and the others on the mask profile."""
+    masked = {1: 0.010, 10: 0.020, 20: 0.030}
+    plain = {1: 0.010, 10: 0.012, 20: 0.016}
+    m = {"block_size": 3, "policy": "full", "tokens_per_forward": 3.0, "forwards": 4, "query_tokens": 10 * 3 + 20,
+         "plain_forwards": 1, "plain_query_tokens": 20, "query_tokens_per_forward": 50 / 4}
+    best = choose_operating_point(masked, [m], plain_profile=plain)["best"]
+    assert abs(best["step_s"] - (3 * 0.020 + 1 * 0.016) / 4) < 1e-12
+    assert abs(choose_operating_point(masked, [m])["best"]["step_s"] - interpolate(masked, 50 / 4)) < 1e-12

@@ -96,6 +96,8 @@ class GenerationStats:
     step_tokens: int = 0  # tokens emitted by decode steps (the prefill emits each sequence's first)
     sequence_steps: int = 0  # decode forwards summed over the sequences still running
     query_tokens: int = 0  # new tokens (rows) fed to the decode forwards, summed
+    plain_forwards: int = 0  # decode forwards without [MASK] rows (AR steps, lookup-span verification)
+    plain_query_tokens: int = 0  # rows fed to those
     prefill_s: float = 0.0
     forward_s: float = 0.0  # time inside model forwards (after prefill)
     total_s: float = 0.0  # wall time after prefill
@@ -124,6 +126,8 @@ class GenerationStats:
             "generated_tokens": self.generated_tokens,
             "tokens_per_forward": round(self.tokens_per_forward, 4),
             "query_tokens": self.query_tokens,
+            "plain_forwards": self.plain_forwards,
+            "plain_query_tokens": self.plain_query_tokens,
             "tokens_per_s": round(self.tokens_per_s, 3),
             "mean_acceptance": round(self.mean_acceptance, 4),
             "acceptance_histogram": list(self.acceptance_histogram),
@@ -370,6 +374,9 @@ class Decoder:
             stats.forward_s += time.perf_counter() - tf
             stats.forwards += 1
             stats.query_tokens += T
+            if not lay.accept_lengths:
+                stats.plain_forwards += 1
+                stats.plain_query_tokens += T
             # The LM head is the largest matrix: while rows are nearly free (memory-bound), score
             # every row in one pass instead of reading the head twice (verify, then the block).
             all_logits = self.logits(hidden) if T <= FREE_ROWS else None

@@ -21,11 +21,13 @@ from tidar.model import KVCache, Transformer
 
 
 @torch.inference_mode()
-def forward_latency(model: Transformer, n_tokens: int, prefix: int = 256, repeats: int = 5) -> float:
+def forward_latency(model: Transformer, n_tokens: int, prefix: int = 256, repeats: int = 5,
+                    masks: bool = True) -> float:
     """Median seconds of one forward over `n_tokens` new tokens after a `prefix`-token cache.
 
-    A multi-token forward is timed as a TiDAR step: the tokens after the first `block_size` are
-    [MASK] tokens, so a mask-row adapter's work (a large share of a step here) is included.
+    With `masks`, a multi-token forward is timed as a TiDAR step: the tokens after the first
+    `block_size` are [MASK] tokens, so a mask-row adapter's work (a large share of a step here) is
+    included. Without, it is a plain verification step (a lookup span checked without pre-drafting).
     """
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config, 1, prefix + n_tokens, dtype)
@@ -35,7 +37,8 @@ def forward_latency(model: Transformer, n_tokens: int, prefix: int = 256, repeat
     cache.valid[:, :prefix] = True
     cache.truncate(prefix)
     new = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=g)
-    new[:, model.config.block_size:] = model.config.mask_token_id
+    if masks:
+        new[:, model.config.block_size:] = model.config.mask_token_id
     pos = torch.arange(prefix, prefix + n_tokens)[None]
     mask = with_prefix(causal_mask(n_tokens), cache.valid[:, :prefix])
     times = []
@@ -47,8 +50,9 @@ def forward_latency(model: Transformer, n_tokens: int, prefix: int = 256, repeat
     return statistics.median(times[1:])
 
 
-def latency_profile(model: Transformer, tokens: Sequence[int], prefix: int = 256, repeats: int = 5) -> dict[int, float]:
-    return {t: forward_latency(model, t, prefix, repeats) for t in tokens}
+def latency_profile(model: Transformer, tokens: Sequence[int], prefix: int = 256, repeats: int = 5,
+                    masks: bool = True) -> dict[int, float]:
+    return {t: forward_latency(model, t, prefix, repeats, masks) for t in tokens}
 
 
 def interpolate(profile: dict[int, float], t: int) -> float:
@@ -68,16 +72,31 @@ def step_tokens(block_size: int, policy: str, policy_k: int = 2) -> int:
     return block_size + block_size * blocks
 
 
-def choose_operating_point(profile: dict[int, float], measured: Sequence[dict], ar_latency: float | None = None) -> dict:
+def expected_step_s(profile: dict[int, float], m: dict, plain_profile: dict[int, float] | None = None) -> float:
+    """Mean seconds per step of a measured configuration. Steps with [MASK] rows are priced on
+    `profile`; steps without (lookup spans verified without pre-drafting) on `plain_profile`, when
+    both it and the measured split are known."""
+    rows = m.get("query_tokens_per_forward") or step_tokens(m["block_size"], m["policy"], m.get("policy_k", 2))
+    plain = m.get("plain_forwards") or 0
+    if plain_profile is None or not plain or not m.get("forwards"):
+        return interpolate(profile, rows)
+    masked = m["forwards"] - plain
+    plain_rows = m["plain_query_tokens"] / plain
+    masked_s = interpolate(profile, (m["query_tokens"] - m["plain_query_tokens"]) / masked) if masked else 0.0
+    return (masked * masked_s + plain * interpolate(plain_profile, plain_rows)) / m["forwards"]
+
+
+def choose_operating_point(profile: dict[int, float], measured: Sequence[dict], ar_latency: float | None = None,
+                           plain_profile: dict[int, float] | None = None) -> dict:
     """Rank candidates by expected tokens/s = measured tokens per forward / step latency from the
     profile. `measured`: dicts with block_size, policy, tokens_per_forward (from calibration runs)."""
-    ar_latency = ar_latency if ar_latency is not None else interpolate(profile, 1)
+    ar_latency = ar_latency if ar_latency is not None else interpolate(plain_profile or profile, 1)
     rows = []
     for m in measured:
         r = dict(m)
         # measured rows per step where known (prompt-lookup drafts vary the step's length)
         r["tokens"] = r.get("query_tokens_per_forward") or step_tokens(r["block_size"], r["policy"], r.get("policy_k", 2))
-        r["step_s"] = interpolate(profile, r["tokens"])
+        r["step_s"] = expected_step_s(profile, r, plain_profile)
         r["expected_tokens_per_s"] = r["tokens_per_forward"] / r["step_s"]
         r["expected_speedup_vs_ar"] = r["expected_tokens_per_s"] * ar_latency
         rows.append(r)
@@ -103,26 +122,30 @@ def offset_acceptance(histogram: Sequence[int]) -> list[float]:
 def calibrate(runtime, block_sizes: Sequence[int], policies: Sequence[str] = ("all", "full"),  # noqa: ANN001
               max_new_tokens: int = 64, lookup_ngram: int = 0, lookup_tokens: Sequence[int] = (0,)) -> list[dict]:
     """Measured tokens per forward, and query tokens per forward (prompt-lookup drafts make steps
-    longer), of each (b, policy, lookup_tokens) on a few built-in code and prose prompts."""
+    longer), of each (b, policy, lookup_tokens, span_predraft) on a few built-in code and prose
+    prompts. Steps without [MASK] rows are counted apart, to be priced on the plain profile."""
     out = []
     for b in block_sizes:
         for policy in policies:
             for lt in lookup_tokens if lookup_ngram else (0,):
-                gen = runtime.generation_config(block_size=b, policy=policy, max_new_tokens=max_new_tokens,
-                                                lookup_ngram=lookup_ngram, lookup_tokens=lt)
-                hist: list[int] = []
-                forwards = rows = 0
-                for prompt in CALIBRATION_PROMPTS:
-                    st = runtime.generate_text(prompt, gen).stats
-                    h = st["acceptance_histogram"]
-                    hist = [x + y for x, y in zip(hist or [0] * len(h), h, strict=True)]
-                    forwards += st["forwards"]
-                    rows += st["query_tokens"]
-                steps = sum(hist)
-                tpf = sum((i + 1) * c for i, c in enumerate(hist)) / steps if steps else 1.0
-                out.append({"block_size": b, "policy": policy, "lookup_ngram": lookup_ngram, "lookup_tokens": lt,
-                            "tokens_per_forward": tpf, "query_tokens_per_forward": rows / max(forwards, 1),
-                            "acceptance_histogram": hist, "offset_acceptance": offset_acceptance(hist)})
+                for span_predraft in (False, True) if lt else (False,):
+                    gen = runtime.generation_config(block_size=b, policy=policy, max_new_tokens=max_new_tokens,
+                                                    lookup_ngram=lookup_ngram, lookup_tokens=lt,
+                                                    span_predraft=span_predraft)
+                    hist: list[int] = []
+                    counts = dict.fromkeys(("forwards", "query_tokens", "plain_forwards", "plain_query_tokens"), 0)
+                    for prompt in CALIBRATION_PROMPTS:
+                        st = runtime.generate_text(prompt, gen).stats
+                        h = st["acceptance_histogram"]
+                        hist = [x + y for x, y in zip(hist or [0] * len(h), h, strict=True)]
+                        for k in counts:
+                            counts[k] += st[k]
+                    steps = sum(hist)
+                    tpf = sum((i + 1) * c for i, c in enumerate(hist)) / steps if steps else 1.0
+                    out.append({"block_size": b, "policy": policy, "lookup_ngram": lookup_ngram, "lookup_tokens": lt,
+                                "span_predraft": span_predraft, "tokens_per_forward": tpf,
+                                "query_tokens_per_forward": counts["query_tokens"] / max(counts["forwards"], 1),
+                                **counts, "acceptance_histogram": hist, "offset_acceptance": offset_acceptance(hist)})
     return out
 
 
@@ -144,25 +167,30 @@ def main(args: argparse.Namespace) -> int:
     prof = {}
     print(f"forward latency, {args.dtype}{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads, "
           f"cached prefix {args.prefix}")
-    print(f"{'new tokens':>10} {'ms':>9} {'x T=1':>7} {'ms/token':>9}")
+    # [MASK] rows run the adapter: a step with them and a plain one of the same length differ
+    plain: dict[int, float] = {}
+    print(f"{'new tokens':>10} {'ms':>9} {'x T=1':>7} {'ms/token':>9} {'no-mask ms':>11}")
     for t in tokens:
         prof[t] = forward_latency(model, t, args.prefix, args.repeats)
-        print(f"{t:>10} {prof[t] * 1e3:>9.2f} {prof[t] / prof[tokens[0]]:>7.2f} {prof[t] * 1e3 / t:>9.2f}", flush=True)
-    out = {"dtype": args.dtype, "compiled": rt.compiled, "threads": torch.get_num_threads(), "prefix": args.prefix,
-           "latency_s": {str(k): v for k, v in prof.items()}}
+        plain[t] = forward_latency(model, t, args.prefix, args.repeats, masks=False)
+        print(f"{t:>10} {prof[t] * 1e3:>9.2f} {prof[t] / prof[tokens[0]]:>7.2f} {prof[t] * 1e3 / t:>9.2f} "
+              f"{plain[t] * 1e3:>11.2f}", flush=True)
+    out = {"dtype": args.dtype, "compiled": rt.compiled, "packed": rt.model.packed, "threads": torch.get_num_threads(),
+           "prefix": args.prefix, "latency_s": {str(k): v for k, v in prof.items()},
+           "latency_plain_s": {str(k): v for k, v in plain.items()}}
     if args.choose:
         measured = calibrate(rt, args.choose_block_sizes, lookup_ngram=args.lookup_ngram,
                              lookup_tokens=args.choose_lookup_tokens)
-        choice = choose_operating_point(prof, measured)
-        print(f"{'b':>3} {'policy':>7} {'lookup':>6} {'tokens':>7} {'tok/fwd':>8} {'step ms':>8} {'exp tok/s':>10} "
-              f"{'vs AR':>6}")
+        choice = choose_operating_point(prof, measured, plain_profile=plain)
+        print(f"{'b':>3} {'policy':>7} {'lookup':>6} {'span':>5} {'tokens':>7} {'tok/fwd':>8} {'step ms':>8} "
+              f"{'exp tok/s':>10} {'vs AR':>6}")
         for r in choice["candidates"]:
-            print(f"{r['block_size']:>3} {r['policy']:>7} {r.get('lookup_tokens', 0):>6} {r['tokens']:>7.1f} "
-                  f"{r['tokens_per_forward']:>8.2f} "
+            print(f"{r['block_size']:>3} {r['policy']:>7} {r.get('lookup_tokens', 0):>6} "
+                  f"{'pre' if r.get('span_predraft') else '-':>5} {r['tokens']:>7.1f} {r['tokens_per_forward']:>8.2f} "
                   f"{r['step_s'] * 1e3:>8.2f} {r['expected_tokens_per_s']:>10.1f} {r['expected_speedup_vs_ar']:>6.2f}")
         best = choice["best"]
         print(f"chosen operating point: block_size={best['block_size']} policy={best['policy']} "
-              f"lookup_tokens={best.get('lookup_tokens', 0)} "
+              f"lookup_tokens={best.get('lookup_tokens', 0)} span_predraft={best.get('span_predraft', False)} "
               f"(offset acceptance {', '.join(f'{a:.2f}' for a in best['offset_acceptance'])})")
         out["choice"] = choice
     if args.json:

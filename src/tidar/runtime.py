@@ -91,7 +91,8 @@ class Runtime:
                               "policy": self.operating_point.get("policy", "all"),
                               "policy_k": self.operating_point.get("policy_k", 2),
                               "lookup_ngram": self.operating_point.get("lookup_ngram", 0),
-                              "lookup_tokens": self.operating_point.get("lookup_tokens", 0)}
+                              "lookup_tokens": self.operating_point.get("lookup_tokens", 0),
+                              "span_predraft": self.operating_point.get("span_predraft", False)}
         if args is not None:
             for k in ("mode", "max_new_tokens", "block_size", "policy", "policy_k", "beta", "lookup_ngram", "lookup_tokens", "do_sample",
                       "temperature", "top_k", "top_p", "seed"):

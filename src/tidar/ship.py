@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if "choice" in op:
             best = op["choice"]["best"]
-            op = {k: best[k] for k in ("block_size", "policy", "lookup_ngram", "lookup_tokens") if k in best}
+            op = {k: best[k] for k in ("block_size", "policy", "lookup_ngram", "lookup_tokens", "span_predraft")
+                  if k in best}
             profile = json.loads(text)
             op["dtype"] = profile.get("dtype")
             op["compile"] = bool(profile.get("compiled", False))
