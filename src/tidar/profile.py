@@ -21,38 +21,48 @@ from tidar.model import KVCache, Transformer
 
 
 @torch.inference_mode()
-def forward_latency(model: Transformer, n_tokens: int, prefix: int = 256, repeats: int = 5,
-                    masks: bool = True) -> float:
-    """Median seconds of one forward over `n_tokens` new tokens after a `prefix`-token cache.
+def latency_profiles(model: Transformer, tokens: Sequence[int], prefix: int = 256, repeats: int = 5,
+                     masks: Sequence[bool] = (True, False)) -> dict[bool, dict[int, float]]:
+    """Median seconds of one forward over T new tokens after a `prefix`-token cache, for each T in
+    `tokens`, with [MASK] rows (True) and without (False).
 
-    With `masks`, a multi-token forward is timed as a TiDAR step: the tokens after the first
-    `block_size` are [MASK] tokens, so a mask-row adapter's work (a large share of a step here) is
-    included. Without, it is a plain verification step (a lookup span checked without pre-drafting).
+    With masks, a multi-token forward is timed as a TiDAR step: its first token is a draft and the
+    rest are [MASK] tokens, so the adapter's work (mostly a fixed cost per call here, whatever the
+    number of mask rows) is in every such step. Without, it is a plain verification step (an AR
+    step, or a lookup span checked without pre-drafting). Every shape is timed once per round,
+    round after round, so a slow drift of the machine hits all shapes alike.
     """
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, 1, prefix + n_tokens, dtype)
+    cache = KVCache(model.config, 1, prefix + max(tokens), dtype)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, prefix), generator=g)
     model(ids, torch.arange(prefix)[None], causal_mask(prefix), cache=cache, offset=0, return_hidden=True)
     cache.valid[:, :prefix] = True
     cache.truncate(prefix)
-    new = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=g)
-    if masks:
-        new[:, model.config.block_size:] = model.config.mask_token_id
-    pos = torch.arange(prefix, prefix + n_tokens)[None]
-    mask = with_prefix(causal_mask(n_tokens), cache.valid[:, :prefix])
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up allocators and kernels
-        t = time.perf_counter()
-        h = model(new, pos, mask, cache=cache, offset=prefix, return_hidden=True)
-        model.head(h[:, :FREE_ROWS])  # the engine scores every row of a step up to FREE_ROWS
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+    steps = []
+    for with_masks in masks:
+        for n in tokens:
+            new = torch.randint(0, model.config.vocab_size, (1, n), generator=g)
+            if with_masks:
+                new[:, 1:] = model.config.mask_token_id
+            pos = torch.arange(prefix, prefix + n)[None]
+            steps.append((with_masks, n, new, pos, with_prefix(causal_mask(n), cache.valid[:, :prefix])))
+    times: dict[tuple[bool, int], list[float]] = {(m, n): [] for m, n, *_ in steps}
+    for r in range(repeats + 1):  # round 0 warms up allocators and kernels
+        for with_masks, n, new, pos, mask in steps:
+            t = time.perf_counter()
+            # every step writes the same cache slots after the prefix, and attends to no stale ones
+            h = model(new, pos, mask, cache=cache, offset=prefix, return_hidden=True)
+            model.head(h[:, :FREE_ROWS])  # the engine scores every row of a step up to FREE_ROWS
+            if r:
+                times[(with_masks, n)].append(time.perf_counter() - t)
+    return {m: {n: statistics.median(times[(m, n)]) for n in tokens} for m in masks}
 
 
-def latency_profile(model: Transformer, tokens: Sequence[int], prefix: int = 256, repeats: int = 5,
-                    masks: bool = True) -> dict[int, float]:
-    return {t: forward_latency(model, t, prefix, repeats, masks) for t in tokens}
+def forward_latency(model: Transformer, n_tokens: int, prefix: int = 256, repeats: int = 5,
+                    masks: bool = True) -> float:
+    """Median seconds of one forward over `n_tokens` new tokens (see `latency_profiles`)."""
+    return latency_profiles(model, [n_tokens], prefix, repeats, (masks,))[masks][n_tokens]
 
 
 def interpolate(profile: dict[int, float], t: int) -> float:
@@ -164,16 +174,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     rt = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)  # the engine's model: fused (+compiled)
     model = rt.model
-    prof = {}
     print(f"forward latency, {args.dtype}{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads, "
           f"cached prefix {args.prefix}")
     # [MASK] rows run the adapter: a step with them and a plain one of the same length differ
-    plain: dict[int, float] = {}
+    both = latency_profiles(model, tokens, args.prefix, args.repeats)
+    prof, plain = both[True], both[False]
     print(f"{'new tokens':>10} {'ms':>9} {'x T=1':>7} {'ms/token':>9} {'no-mask ms':>11}")
     for t in tokens:
-        prof[t] = forward_latency(model, t, args.prefix, args.repeats)
-        plain[t] = forward_latency(model, t, args.prefix, args.repeats, masks=False)
-        print(f"{t:>10} {prof[t] * 1e3:>9.2f} {prof[t] / prof[tokens[0]]:>7.2f} {prof[t] * 1e3 / t:>9.2f} "
+        print(f"{t:>10} {prof[t] * 1e3:>9.2f} {prof[t] / plain[tokens[0]]:>7.2f} {prof[t] * 1e3 / t:>9.2f} "
               f"{plain[t] * 1e3:>11.2f}", flush=True)
     out = {"dtype": args.dtype, "compiled": rt.compiled, "packed": rt.model.packed, "threads": torch.get_num_threads(),
            "prefix": args.prefix, "latency_s": {str(k): v for k, v in prof.items()},
