@@ -1,0 +1,62 @@
+"""Same-process A/B of engine variants on HumanEval prompts: each variant is a set of
+GenerationConfig overrides on top of the shipped operating point (plus "pack": false for plain
+F.linear weights), run interleaved per prompt with the order rotated, so machine noise hits all
+variants alike. Reports tokens/s, the ratio to the first variant, tokens and rows per forward,
+and whether outputs agree.
+
+    .venv/bin/python benchmarks/ab.py --start 20 --limit 20 \
+        --variants '{"ar": {"mode": "ar"}, "pre": {"span_predraft": true}, "default": {}}'
+    .venv/bin/python benchmarks/ab.py --limit 12 --variants \
+        '{"ar": {"mode": "ar", "pack": false}, "ar+pack": {"mode": "ar"}, "tidar": {"pack": false}, "tidar+pack": {}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from tidar.bench import humaneval_problems
+from tidar.decoding import Decoder
+from tidar.runtime import Runtime
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", required=True, help="JSON object: name -> GenerationConfig overrides")
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    args = p.parse_args()
+    variants = json.loads(args.variants)
+    rt = Runtime.load(None, dtype=args.dtype)
+    prompts = [rt.encode(x["prompt"]) for x in humaneval_problems()[args.start: args.start + args.limit]]
+    names = list(variants)
+    totals = {k: {"s": 0.0, "tokens": 0, "forwards": 0, "rows": 0} for k in names}
+    outputs: dict[str, list[list[int]]] = {k: [] for k in names}
+    for i, ids in enumerate(prompts):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            overrides = dict(variants[name])
+            rt.model.pack_weights(overrides.pop("pack", True))
+            dec = Decoder(rt.model, rt.generation_config(None, max_new_tokens=args.max_new_tokens, **overrides))
+            t = time.perf_counter()
+            toks = [tok for out in dec.stream([ids]) for tok in out[0]]
+            tot = totals[name]
+            tot["s"] += time.perf_counter() - t
+            tot["tokens"] += len(toks)
+            tot["forwards"] += dec.stats.forwards
+            tot["rows"] += dec.stats.query_tokens
+            outputs[name].append(toks)
+    first = totals[names[0]]["tokens"] / totals[names[0]]["s"]
+    print(f"{len(prompts)} HumanEval prompts from #{args.start}, {args.dtype}, {args.max_new_tokens} new tokens")
+    for name, t in totals.items():
+        f = max(t["forwards"], 1)
+        same = sum(a == b for a, b in zip(outputs[name], outputs[names[0]], strict=True))
+        print(f"{name:>12} {t['tokens'] / t['s']:7.1f} tok/s  x{t['tokens'] / t['s'] / first:.2f}  "
+              f"{t['tokens'] / f:.2f} tok/fwd  {t['rows'] / f:5.1f} rows/fwd  {t['s'] / f * 1e3:5.1f} ms/fwd  "
+              f"same output as {names[0]}: {same}/{len(prompts)}")
+
+
+if __name__ == "__main__":
+    main()
