@@ -1,4 +1,4 @@
-"""Same-process A/B of engine variants on HumanEval prompts: each variant is a set of
+"""Same-process A/B of engine variants on HumanEval (or held-out prose) prompts: each variant is a set of
 GenerationConfig overrides on top of the shipped operating point (plus "pack": false for plain
 F.linear weights), run interleaved per prompt with the order rotated, so machine noise hits all
 variants alike. Reports tokens/s, the ratio to the first variant, tokens and rows per forward,
@@ -16,7 +16,7 @@ import argparse
 import json
 import time
 
-from tidar.bench import humaneval_problems
+from tidar.bench import load_prompts
 from tidar.decoding import Decoder
 from tidar.runtime import Runtime
 
@@ -24,6 +24,8 @@ from tidar.runtime import Runtime
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", required=True, help="JSON object: name -> GenerationConfig overrides")
+    p.add_argument("--prompts", choices=["humaneval", "prose"], default="humaneval")
+    p.add_argument("--data", default="data/shards", help="shard directory for --prompts prose")
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -31,7 +33,8 @@ def main() -> None:
     args = p.parse_args()
     variants = json.loads(args.variants)
     rt = Runtime.load(None, dtype=args.dtype)
-    prompts = [rt.encode(x["prompt"]) for x in humaneval_problems()[args.start: args.start + args.limit]]
+    chosen = load_prompts(args.prompts, args.start + args.limit, args.data)[args.start:]
+    prompts = [rt.encode(x.text, chat=x.chat) for x in chosen]
     names = list(variants)
     totals = {k: {"s": 0.0, "tokens": 0, "forwards": 0, "rows": 0} for k in names}
     outputs: dict[str, list[list[int]]] = {k: [] for k in names}
@@ -49,7 +52,7 @@ def main() -> None:
             tot["rows"] += dec.stats.query_tokens
             outputs[name].append(toks)
     first = totals[names[0]]["tokens"] / totals[names[0]]["s"]
-    print(f"{len(prompts)} HumanEval prompts from #{args.start}, {args.dtype}, {args.max_new_tokens} new tokens")
+    print(f"{len(prompts)} {args.prompts} prompts from #{args.start}, {args.dtype}, {args.max_new_tokens} new tokens")
     for name, t in totals.items():
         f = max(t["forwards"], 1)
         same = sum(a == b for a, b in zip(outputs[name], outputs[names[0]], strict=True))

@@ -349,3 +349,27 @@ def test_compiled_blocks_match_eager_and_stay_lossless():
     assert ar(model, ps, 20) == expected
     model.decompile_blocks()
     assert not model.compiled
+
+
+def test_draft_gate_runs_plain_steps_when_drafts_do_not_pay_and_stays_lossless():
+    """min_draft_gain: once diffusion drafts commit fewer extra tokens per step than asked, steps
+    feed no [MASK] rows (AR steps) and probe with a pre-draft every PROBE_EVERY steps."""
+    from tidar.decoding import PROBE_EVERY
+
+    model = tiny_model(seed=2)
+    ps = prompts(4, seed=5)
+    expected = [ar(model, [p], 40)[0] for p in ps]
+    always = generate(model, ps[:1], GenerationConfig(max_new_tokens=40, block_size=3))
+    assert always.stats.plain_forwards == 0
+    gated = generate(model, ps[:1], GenerationConfig(max_new_tokens=40, block_size=3, min_draft_gain=10.0))
+    assert gated.sequences[0] == expected[0]
+    # an unreachable gain: every verified diffusion draft sends the next PROBE_EVERY steps plain;
+    # a cycle is then the probe (pre-drafts), the step verifying it (pre-drafts, it cannot know
+    # yet) and PROBE_EVERY plain steps
+    masked = gated.stats.forwards - gated.stats.plain_forwards
+    assert gated.stats.plain_forwards >= PROBE_EVERY
+    assert masked <= 1 + 2 * (gated.stats.forwards // (PROBE_EVERY + 2) + 1)
+    batch = generate(model, ps, GenerationConfig(max_new_tokens=40, block_size=3, min_draft_gain=0.5, lookup_ngram=2))
+    assert batch.sequences == expected
+    with pytest.raises(GenerationError):
+        GenerationConfig(min_draft_gain=-1).validate()

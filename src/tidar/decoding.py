@@ -32,6 +32,8 @@ from tidar.masks import StepLayout, causal_mask, step_layout, with_prefix
 from tidar.model import KVCache, Transformer
 
 POLICIES = ("all", "full", "topk")
+GAIN_EMA = 0.3  # weight of the newest diffusion-draft acceptance in the running gain (min_draft_gain)
+PROBE_EVERY = 8  # plain steps between pre-drafting probes while the gain is below min_draft_gain
 FREE_ROWS = 32  # up to this many rows, one LM-head matmul over all of them costs about one over a few
 
 
@@ -65,6 +67,11 @@ class GenerationConfig:
     # for the next step (blocks for acceptance 1, b and the full span). Off: such steps are plain
     # verification; measured faster on code, where copied spans usually continue.
     span_predraft: bool = False
+    # Pre-draft only while it pays: when the running mean of diffusion-draft tokens accepted per
+    # step (beyond d_1) falls below this, steps feed no [MASK] rows (AR steps, plus any lookup
+    # span) and probe again every PROBE_EVERY steps. A [MASK] step costs about 1.25x an AR step on
+    # this CPU, so drafts must commit about a quarter token more per step to pay. 0 = always.
+    min_draft_gain: float = 0.0
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -87,6 +94,8 @@ class GenerationConfig:
             raise GenerationError(f"lookup_ngram must be >= 0, got {self.lookup_ngram}")
         if self.lookup_tokens < 0:
             raise GenerationError(f"lookup_tokens must be >= 0, got {self.lookup_tokens}")
+        if self.min_draft_gain < 0:
+            raise GenerationError(f"min_draft_gain must be >= 0, got {self.min_draft_gain}")
 
 
 @dataclass
@@ -224,6 +233,9 @@ class Decoder:
         self.generator.manual_seed(config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self._layouts: dict[tuple[int, ...], StepLayout] = {}
         self.span_lengths: list[int] = []  # each sequence's current draft length (lookup spans vary)
+        self.from_diffusion: list[bool] = []  # whether each current draft's d_2.. came from a block
+        self.draft_gain: list[float] = []  # running diffusion-draft tokens accepted per step
+        self.plain_steps_left = 0  # steps to run without [MASK] rows (min_draft_gain)
         self.accept_counts = torch.ones(self.b)  # running statistics for the top-k policy
 
     # layouts are cached per draft length and set of pre-drafted acceptance lengths
@@ -240,7 +252,7 @@ class Decoder:
         after d_1 still covers any larger a (shifted, shorter), so the next step always has a draft.
         A draft longer than the block (prompt lookup) gets a block for its full acceptance, or,
         unless `span_predraft`, no blocks at all when every sequence verifies such a span."""
-        if self.cfg.mode == "ar":
+        if self.cfg.mode == "ar" or self.plain_steps_left > 0:
             return ()
         n = n_draft or self.b
         if n > self.b and not self.cfg.span_predraft and all(
@@ -299,6 +311,8 @@ class Decoder:
         stats = self.stats = GenerationStats(acceptance_histogram=[0] * (self.max_draft if tidar else 1))
         emitted = [0] * B
         done = self.done = [False] * B
+        self.draft_gain = [1.0] * B
+        self.plain_steps_left = 0
         n_gram = cfg.lookup_ngram
         self.history = [list(p) for p in prompts]
         self.ngram_index: list[dict[tuple[int, ...], list[int]]] = [{} for _ in prompts]
@@ -363,6 +377,7 @@ class Decoder:
         while not all(done):
             n_draft = drafts.shape[1]
             lay = self.layout(n_draft, self.predraft_lengths(n_draft))
+            self.plain_steps_left = max(self.plain_steps_left - 1, 0)
             S = cache.length
             T = lay.num_tokens
             step_ids = torch.full((B, T), model.config.mask_token_id, dtype=torch.long)
@@ -423,9 +438,24 @@ class Decoder:
                     stats.acceptance_histogram[int(a[i]) - 1] += 1
                     self.accept_counts[min(int(a[i]), b) - 1] += 1
                 out.append(emit(i, drafts[i, 1: int(a[i])].tolist() + [int(bonus[i])]))
+            if cfg.min_draft_gain > 0:
+                self._gate(a)
             drafts, q = self._new_draft(bonus, ar_at, block_logits, shift)
             yield out
         stats.total_s = time.perf_counter() - t_start
+
+    def _gate(self, a: torch.Tensor) -> None:
+        """Fold this step's acceptance of diffusion drafts into the running gain; when every
+        running sequence's gain is below min_draft_gain, the next PROBE_EVERY steps feed no
+        [MASK] rows (the step after them pre-drafts again: a probe)."""
+        seen = False
+        for i, g in enumerate(self.draft_gain):
+            if self.from_diffusion[i] and not self.done[i]:
+                self.draft_gain[i] = g + GAIN_EMA * (min(int(a[i]), self.b) - 1 - g)
+                seen = True
+        running = [g for g, d in zip(self.draft_gain, self.done, strict=True) if not d]
+        if seen and running and max(running) < self.cfg.min_draft_gain:
+            self.plain_steps_left = PROBE_EVERY
 
     def _block_for(self, hidden: torch.Tensor, lay: StepLayout, a: torch.Tensor,
                    all_logits: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -465,6 +495,7 @@ class Decoder:
             # q[:, 0] is never read (d_1 is committed), but sampling needs q's shape
             q = torch.zeros(B, 1, ar_at.shape[-1]) if self.cfg.do_sample else None
             self.span_lengths = [1] * B
+            self.from_diffusion = [False] * B
             if b > 1 and self.cfg.lookup_ngram:
                 drafts, q = self._lookup_drafts(drafts, q)
             return drafts, q
@@ -487,6 +518,7 @@ class Decoder:
             picks = torch.where(usable[:, 1:], picks, torch.zeros_like(picks))
         drafts[:, 1:] = picks
         self.span_lengths = [b] * B
+        self.from_diffusion = [True] * B
         if self.cfg.lookup_ngram:
             drafts, q = self._lookup_drafts(drafts, q)
         return drafts, q
@@ -528,6 +560,7 @@ class Decoder:
                 continue
             k = len(cont)
             self.span_lengths[i] = max(self.span_lengths[i], 1 + k)
+            self.from_diffusion[i] = False
             drafts[i, 1: 1 + k] = torch.tensor(cont)
             if q is not None:
                 q[i, 1: 1 + k] = F.one_hot(drafts[i, 1: 1 + k], q.shape[-1]).to(q.dtype)

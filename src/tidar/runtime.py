@@ -92,9 +92,11 @@ class Runtime:
                               "policy_k": self.operating_point.get("policy_k", 2),
                               "lookup_ngram": self.operating_point.get("lookup_ngram", 0),
                               "lookup_tokens": self.operating_point.get("lookup_tokens", 0),
-                              "span_predraft": self.operating_point.get("span_predraft", False)}
+                              "span_predraft": self.operating_point.get("span_predraft", False),
+                              "min_draft_gain": self.operating_point.get("min_draft_gain", 0.0)}
         if args is not None:
-            for k in ("mode", "max_new_tokens", "block_size", "policy", "policy_k", "beta", "lookup_ngram", "lookup_tokens", "do_sample",
+            for k in ("mode", "max_new_tokens", "block_size", "policy", "policy_k", "beta", "lookup_ngram", "lookup_tokens",
+                      "min_draft_gain", "do_sample",
                       "temperature", "top_k", "top_p", "seed"):
                 v = getattr(args, k, None)
                 if v is not None:
