@@ -166,3 +166,18 @@ def test_packed_weights_give_the_unpacked_logits(dtype):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     model.pack_weights(False)
     assert not model.packed and model.layers[0].mlp.gate_up.packed_full is None
+
+
+def test_weights_that_cannot_be_packed_fall_back_to_plain_linear(monkeypatch):
+    from tidar.model import pack_weight
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("no oneDNN kernel for this dtype on this CPU")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken)
+    assert pack_weight(torch.randn(8, 4)) is None
+    model = tiny_model().fuse_for_inference()
+    assert not model.packed  # and it still runs, through F.linear
+    ids = torch.tensor([[1, 2, 3]])
+    assert model(ids, torch.arange(3)[None], causal_mask(3)).shape == (1, 3, model.config.vocab_size)
+    assert pack_weight(torch.randn(8, 4, dtype=torch.float16)) is None  # not a packable dtype here

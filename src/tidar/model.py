@@ -46,7 +46,15 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     An unpacked CPU `F.linear` re-lays its weight out on every call; for a decode step's few rows
     that costs as much as the matmul itself (packing halved a bf16 SmolLM2 step's matmul time here,
     with bit-identical bf16 results)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1) if packable(weight) else None
+    if not packable(weight):
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+        # some builds/CPUs (e.g. without native bf16) fail only when the packed weight is used
+        torch.ops.mkldnn._linear_pointwise(weight.new_zeros(1, weight.shape[1]), packed, None, "none", [], "")
+    except RuntimeError:
+        return None
+    return packed
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
