@@ -1,6 +1,7 @@
 """Same-process A/B of engine variants on HumanEval (or held-out prose) prompts: each variant is a set of
 GenerationConfig overrides on top of the shipped operating point (plus "pack": false for plain
-F.linear weights), run interleaved per prompt with the order rotated, so machine noise hits all
+F.linear weights, and "adapter_off": ["o", "down"] to run those fused projections without their
+mask-row adapter), run interleaved per prompt with the order rotated, so machine noise hits all
 variants alike. Reports tokens/s, the ratio to the first variant, tokens and rows per forward,
 and whether outputs agree.
 
@@ -8,6 +9,8 @@ and whether outputs agree.
         --variants '{"ar": {"mode": "ar"}, "pre": {"span_predraft": true}, "default": {}}'
     .venv/bin/python benchmarks/ab.py --limit 12 --variants \
         '{"ar": {"mode": "ar", "pack": false}, "ar+pack": {"mode": "ar"}, "tidar": {"pack": false}, "tidar+pack": {}}'
+    .venv/bin/python benchmarks/ab.py --start 80 --limit 16 \
+        --variants '{"ar": {"mode": "ar"}, "all": {}, "no_o_down": {"adapter_off": ["o", "down"]}}'
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ import time
 
 from tidar.bench import load_prompts
 from tidar.decoding import Decoder
+from tidar.model import FusedLinear
 from tidar.runtime import Runtime
+
+
+def fused_projections(model) -> dict[str, list[FusedLinear]]:  # noqa: ANN001
+    layers = model.layers
+    return {"qkv": [x.self_attn.qkv for x in layers], "o": [x.self_attn.o for x in layers],
+            "gate_up": [x.mlp.gate_up for x in layers], "down": [x.mlp.down for x in layers]}
 
 
 def main() -> None:
@@ -36,12 +46,18 @@ def main() -> None:
     chosen = load_prompts(args.prompts, args.start + args.limit, args.data)[args.start:]
     prompts = [rt.encode(x.text, chat=x.chat) for x in chosen]
     names = list(variants)
+    fused = fused_projections(rt.model)
+    adapters = {k: [f.lora_b for f in fs] for k, fs in fused.items()}
     totals = {k: {"s": 0.0, "tokens": 0, "forwards": 0, "rows": 0} for k in names}
     outputs: dict[str, list[list[int]]] = {k: [] for k in names}
     for i, ids in enumerate(prompts):
         for name in names[i % len(names):] + names[: i % len(names)]:
             overrides = dict(variants[name])
             rt.model.pack_weights(overrides.pop("pack", True))
+            off = set(overrides.pop("adapter_off", ()))
+            for k, fs in fused.items():  # a FusedLinear without lora_b takes its base-only path
+                for f, b in zip(fs, adapters[k], strict=True):
+                    f.lora_b = None if k in off else b
             dec = Decoder(rt.model, rt.generation_config(None, max_new_tokens=args.max_new_tokens, **overrides))
             t = time.perf_counter()
             toks = [tok for out in dec.stream([ids]) for tok in out[0]]
