@@ -181,3 +181,65 @@ def test_weights_that_cannot_be_packed_fall_back_to_plain_linear(monkeypatch):
     ids = torch.tensor([[1, 2, 3]])
     assert model(ids, torch.arange(3)[None], causal_mask(3)).shape == (1, 3, model.config.vocab_size)
     assert pack_weight(torch.randn(8, 4, dtype=torch.float16)) is None  # not a packable dtype here
+
+
+def test_packed_bf16_matmul_rows_do_not_depend_on_the_call():
+    """Wide bf16 inputs (SmolLM2's 1536-wide down projection) summed in one oneDNN call round some
+    outputs differently for 1 row than among 8+; the chunked packed weight must not."""
+    from tidar.model import MAX_PACKED_K, linear, pack_weight
+
+    k = 1536
+    assert k > MAX_PACKED_K
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        w = (torch.randn(576, k, generator=g) * 0.05).bfloat16()
+        packed = pack_weight(w)
+        if packed is None:
+            pytest.skip("this torch build cannot pack weights for oneDNN")
+        assert len(packed.chunks) == 2
+        x = torch.randn(1, 24, k, generator=g).bfloat16()
+        together = linear(x, w, packed)
+        alone = torch.cat([linear(x[:, i:i + 1], w, packed) for i in range(24)], dim=1)
+        assert torch.equal(together, alone)
+        torch.testing.assert_close(together.float(), torch.nn.functional.linear(x, w).float(), atol=0.05, rtol=0.02)
+
+
+def test_bf16_cached_step_logits_are_those_of_one_token_steps():
+    """The engine's bf16 exactness: a token's logits in a multi-token cached step (drafts + [MASK]
+    rows after it) equal, bit for bit, its logits in one-token AR steps, so greedy TiDAR cannot
+    flip a near-tie. SDPA broke this for 10+ query rows on this CPU."""
+    from tidar.config import AdapterConfig
+
+    model = tiny_model(seed=3, intermediate_size=1536, hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+    model.add_adapter(AdapterConfig(rank=4))
+    model = model.to(torch.bfloat16).fuse_for_inference()
+    if not model.packed:
+        pytest.skip("this torch build cannot pack weights for oneDNN")
+    prompt = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(1))
+    new = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(2))
+    m = model.config.mask_token_id
+
+    def prefilled() -> KVCache:
+        cache = KVCache(model.config, 1, 80, torch.bfloat16)
+        with torch.no_grad():
+            model(prompt, torch.arange(40)[None], causal_mask(40), cache=cache, offset=0)
+        cache.valid[:, :40] = True
+        cache.truncate(40)
+        return cache
+
+    cache = prefilled()
+    step = torch.cat([new, torch.full((1, 6), m)], dim=1)  # 12 drafts, then [MASK] rows they cannot see
+    mask = torch.zeros(18, 18, dtype=torch.bool)
+    mask[:12, :12] = causal_mask(12)
+    mask[12:, :] = True
+    with torch.no_grad():
+        together = model(step, torch.arange(40, 58)[None], with_prefix(mask, cache.valid[:, :40]), cache=cache, offset=40)
+    cache = prefilled()
+    alone = []
+    with torch.no_grad():
+        for i in range(12):
+            alone.append(model(new[:, i:i + 1], torch.tensor([[40 + i]]), with_prefix(torch.ones(1, 1, dtype=torch.bool),
+                               cache.valid[:, :40 + i]), cache=cache, offset=40 + i))
+            cache.valid[:, 40 + i] = True
+            cache.truncate(41 + i)
+    assert torch.equal(together[:, :12], torch.cat(alone, dim=1))

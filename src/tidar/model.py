@@ -9,6 +9,7 @@ AR path of the network computes exactly the base model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,29 +41,52 @@ def packable(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+# Above this many input features oneDNN's bf16 matmul sums a row's products in an order that
+# depends on how many rows the call has, so a token verified among others could round differently
+# from the same token alone. Packed bf16 weights are split into column chunks of at most this
+# width, each of which sums the same way for 1 row or 30, and the chunks' outputs are added.
+MAX_PACKED_K = 1024
+
+
+@dataclass
+class PackedWeight:
+    """A weight in oneDNN's blocked layout: (first input column, last + 1, packed) per chunk."""
+
+    chunks: list[tuple[int, int, torch.Tensor]]
+
+
+def pack_weight(weight: torch.Tensor) -> PackedWeight | None:
     """The (out, in) weight in oneDNN's blocked layout, or None where that is unavailable.
 
     An unpacked CPU `F.linear` re-lays its weight out on every call; for a decode step's few rows
-    that costs as much as the matmul itself (packing halved a bf16 SmolLM2 step's matmul time here,
-    with bit-identical bf16 results)."""
+    that costs as much as the matmul itself (packing halved a bf16 SmolLM2 step's matmul time here).
+    """
     if not packable(weight):
         return None
+    k = weight.shape[1]
+    n = -(-k // MAX_PACKED_K) if weight.dtype == torch.bfloat16 else 1
+    bounds = [round(i * k / n) for i in range(n + 1)]
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+        packed = PackedWeight([(lo, hi, torch.ops.mkldnn._reorder_linear_weight(weight[:, lo:hi].detach().contiguous(), 1))
+                               for lo, hi in zip(bounds, bounds[1:], strict=False)])
         # some builds/CPUs (e.g. without native bf16) fail only when the packed weight is used
-        torch.ops.mkldnn._linear_pointwise(weight.new_zeros(1, weight.shape[1]), packed, None, "none", [], "")
+        linear(weight.new_zeros(1, k), weight, packed)
     except RuntimeError:
         return None
     return packed
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear through the pre-packed weight when there is one."""
     if packed is None:
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    out = None
+    for lo, hi, w in packed.chunks:
+        part = x if hi - lo == x.shape[-1] else x[..., lo:hi].contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(part, w, bias if out is None else None, "none", [], "")
+        out = y if out is None else out.add_(y)
+    return out
 
 
 class Linear(nn.Linear):
@@ -123,9 +147,9 @@ class FusedLinear(nn.Module):
         lora_b = torch.block_diag(*[p.lora_b.data * p.lora_scale for p in parts]) if has_lora else None
         self.register_buffer("lora_b", lora_b, persistent=False)  # (sum out, sum r), scaled
         # oneDNN-packed copies (see `pack_weight`): plain attributes, never saved or moved
-        self.packed_base: torch.Tensor | None = None
-        self.packed_full: torch.Tensor | None = None
-        self.packed_lora_b: torch.Tensor | None = None
+        self.packed_base: PackedWeight | None = None
+        self.packed_full: PackedWeight | None = None
+        self.packed_lora_b: PackedWeight | None = None
 
     def pack(self, enable: bool = True) -> None:
         """Pre-pack the weights for CPU inference (or drop the packed copies: enable=False)."""
@@ -173,6 +197,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked softmax attention whose every query row comes out bit for bit the same whatever the
+    other rows of the call (inference path).
+
+    q (B, H, T, D); k, v (B, H_kv, S, D) with H a multiple of H_kv; mask (B or 1, 1, T, S), True =
+    may attend. CPU SDPA splits its work by the number of queries, so in bf16 a token verified
+    among ten others got different logits than the same token in a one-token AR step, and near-ties
+    flipped. Plain matmuls with a float32 softmax keep each row's arithmetic independent of T.
+    """
+    B, H, T, D = q.shape
+    h_kv, S = k.shape[1], k.shape[2]
+    rep = H // h_kv
+    while mask.dim() < 4:  # (T, S) or (B, T, S) broadcast like SDPA's
+        mask = mask.unsqueeze(0) if mask.dim() < 3 else mask.unsqueeze(1)
+    # query heads sharing a kv head become extra rows of one matmul per kv head (GQA)
+    scores = torch.matmul(q.reshape(B, h_kv, rep * T, D), k.transpose(-1, -2)).float() * D ** -0.5
+    allowed = mask.unsqueeze(2).expand(mask.shape[0], 1, rep, T, S).reshape(mask.shape[0], 1, rep * T, S)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(q.dtype)
+    return torch.matmul(probs, v).reshape(B, H, T, D)
 
 
 class KVCache:
@@ -238,7 +283,10 @@ class Attention(nn.Module):
             k_cache[:, :, offset:offset + T] = k
             v_cache[:, :, offset:offset + T] = v
             k, v = k_cache[:, :, :offset + T], v_cache[:, :, :offset + T]  # (B, H_kv, offset + T, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
+        if kv is not None and not self.training:  # cached inference: AR and TiDAR must round alike
+            y = attention(q, k, v, attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         if self.o is not None and not self.training:
             return self.o(y, mask_rows)[0]
@@ -296,7 +344,7 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self._compiled_block: object | None = None
-        self._packed_head: torch.Tensor | None = None
+        self._packed_head: PackedWeight | None = None
         if config.adapter is not None:
             self.add_adapter(config.adapter)
 
