@@ -283,7 +283,8 @@ class Attention(nn.Module):
             k_cache[:, :, offset:offset + T] = k
             v_cache[:, :, offset:offset + T] = v
             k, v = k_cache[:, :, :offset + T], v_cache[:, :, :offset + T]  # (B, H_kv, offset + T, D)
-        if kv is not None and not self.training:  # cached inference: AR and TiDAR must round alike
+        if kv is not None and self.qkv is not None and not self.training:
+            # the fused, cached inference path (the engine): AR and TiDAR steps must round alike
             y = attention(q, k, v, attn_mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
