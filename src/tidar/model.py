@@ -346,6 +346,7 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self._compiled_block: object | None = None
         self._packed_head: PackedWeight | None = None
+        self._was_packed = False  # packing state to restore when compiled blocks are dropped
         if config.adapter is not None:
             self.add_adapter(config.adapter)
 
@@ -410,7 +411,7 @@ class Transformer(nn.Module):
 
     def decompile_blocks(self) -> Transformer:
         self._compiled_block = None
-        if getattr(self, "_was_packed", False):
+        if self._was_packed:
             self.pack_weights(True)
         return self
 
