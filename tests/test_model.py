@@ -215,16 +215,19 @@ def test_bf16_cached_step_logits_are_those_of_one_token_steps():
     model = model.to(torch.bfloat16).fuse_for_inference()
     if not model.packed:
         pytest.skip("this torch build cannot pack weights for oneDNN")
-    prompt = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(1))
+    # the prompt ends 8 slots before a KV-cache growth boundary: the 18-row step attends over a
+    # wider (masked) buffer than the first one-token steps, which must not change a bit either
+    n = KVCache.GROW - 8
+    prompt = torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(1))
     new = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(2))
     m = model.config.mask_token_id
 
     def prefilled() -> KVCache:
-        cache = KVCache(model.config, 1, 80, torch.bfloat16)
+        cache = KVCache(model.config, 1, n + 40, torch.bfloat16)
         with torch.no_grad():
-            model(prompt, torch.arange(40)[None], causal_mask(40), cache=cache, offset=0)
-        cache.valid[:, :40] = True
-        cache.truncate(40)
+            model(prompt, torch.arange(n)[None], causal_mask(n), cache=cache, offset=0)
+        cache.valid[:, :n] = True
+        cache.truncate(n)
         return cache
 
     cache = prefilled()
@@ -233,13 +236,54 @@ def test_bf16_cached_step_logits_are_those_of_one_token_steps():
     mask[:12, :12] = causal_mask(12)
     mask[12:, :] = True
     with torch.no_grad():
-        together = model(step, torch.arange(40, 58)[None], with_prefix(mask, cache.valid[:, :40]), cache=cache, offset=40)
+        together = model(step, torch.arange(n, n + 18)[None], with_prefix(mask, cache.valid[:, :n]), cache=cache,
+                         offset=n)
+    assert cache.capacity > KVCache.GROW
     cache = prefilled()
     alone = []
     with torch.no_grad():
         for i in range(12):
-            alone.append(model(new[:, i:i + 1], torch.tensor([[40 + i]]), with_prefix(torch.ones(1, 1, dtype=torch.bool),
-                               cache.valid[:, :40 + i]), cache=cache, offset=40 + i))
-            cache.valid[:, 40 + i] = True
-            cache.truncate(41 + i)
+            alone.append(model(new[:, i:i + 1], torch.tensor([[n + i]]), with_prefix(torch.ones(1, 1, dtype=torch.bool),
+                               cache.valid[:, :n + i]), cache=cache, offset=n + i))
+            cache.valid[:, n + i] = True
+            cache.truncate(n + i + 1)
     assert torch.equal(together[:, :12], torch.cat(alone, dim=1))
+
+
+def test_kv_cache_grows_in_steps_and_keeps_its_contents():
+    model = tiny_model()
+    cache = KVCache(model.config, 2, 150, torch.float32)
+    assert cache.capacity == 0
+    (k, _), *_ = cache.layers(0, 10)
+    assert cache.capacity == KVCache.GROW
+    k[:, :, :10] = 7.0
+    (k, _), *_ = cache.layers(10, KVCache.GROW)  # crosses the boundary: copied into a larger buffer
+    assert cache.capacity == 2 * KVCache.GROW and torch.all(k[:, :, :10] == 7.0) and k.is_contiguous()
+    cache.layers(140, 10)
+    assert cache.capacity == 150  # never beyond max_len
+    with pytest.raises(ValueError, match="KV cache full"):
+        cache.layers(145, 6)
+
+
+def test_fused_rms_norm_and_rolled_rope_round_like_the_reference_formulas():
+    """RMSNorm uses torch's fused kernel and RoPE a roll with a signed sin table: both must give
+    the bits of HF Llama's formulas, in float32 and bfloat16 (the AR path stays the base model)."""
+    from tidar.model import RMSNorm, RotaryEmbedding, apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        norm = RMSNorm(96, 1e-5).to(dtype)
+        norm.weight.data = torch.randn(96, generator=g).to(dtype)
+        x = (torch.randn(2, 7, 96, generator=g) * 3).to(dtype)
+        ref = x.float()
+        ref = norm.weight * (ref * torch.rsqrt(ref.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        assert torch.equal(norm(x), ref)
+
+        rope = RotaryEmbedding(16, 64, 10000.0)
+        pos = torch.randint(0, 64, (2, 7), generator=g)
+        cos, sin = rope(pos, dtype)
+        q = torch.randn(2, 3, 7, 16, generator=g).to(dtype)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+        emb = torch.cat([pos[..., None].float() * inv_freq] * 2, dim=-1)[:, None]
+        half = torch.cat((-q[..., 8:], q[..., :8]), dim=-1)  # HF's rotate_half
+        assert torch.equal(apply_rope(q, cos, sin), q * emb.cos().to(dtype) + half * emb.sin().to(dtype))

@@ -28,11 +28,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 like the reference implementation, so bf16 runs round the same way.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Normalise in float32 like the reference implementation, so bf16 runs round the same way
+        # (the fused kernel rounds exactly like x * rsqrt(mean(x^2) + eps) in float32: tested).
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -159,6 +157,11 @@ class FusedLinear(nn.Module):
         self.packed_lora_b = pack_weight(self.lora_b) if enable and lora else None
 
     def forward(self, x: torch.Tensor, mask_rows: MaskRows) -> tuple[torch.Tensor, ...]:
+        out = self.output(x, mask_rows)
+        return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
+
+    def output(self, x: torch.Tensor, mask_rows: MaskRows) -> torch.Tensor:
+        """All parts' outputs side by side, (..., sum out)."""
         if self.lora_b is None or mask_rows is None:
             # no adapter work: the base rows only (a prefix of the fused weight, no copy), so an AR
             # step reads no more weights than the base model does
@@ -171,11 +174,15 @@ class FusedLinear(nn.Module):
             # a column slice of `full` is strided; bf16 matmuls on a strided input take a slow path
             # on CPU (3-4x here), and a copy of a few rows x rank is cheap
             out[sel] += linear(down[sel].contiguous(), self.lora_b, self.packed_lora_b)
-        return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
+        return out
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables indexed by explicit position ids (HF 'rotate_half' layout)."""
+    """Precomputed cos/sin tables indexed by explicit position ids (HF 'rotate_half' layout).
+
+    The sin table carries rotate_half's sign (its first half negated), so that `apply_rope` needs
+    a roll instead of rotate_half's chunk, negation and concatenation: fewer ops, same bits.
+    """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
@@ -183,61 +190,89 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        sin = emb.sin()
+        sin[:, : head_dim // 2] *= -1
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # (B, 1, T, D) so it broadcasts over heads
         return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+    """x * cos + rotate_half(x) * sin, with rotate_half's sign already in `sin` (RotaryEmbedding)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked softmax attention whose every query row comes out bit for bit the same whatever the
-    other rows of the call (inference path).
+def attention_bias(mask: torch.Tensor, width: int, group: int) -> torch.Tensor:
+    """A boolean mask (B or 1, 1, T, S), True = may attend, as the additive float32 bias that
+    `attention` takes: (B or 1, 1, group * T, width), -inf where masked and over slots S..width.
 
-    q (B, H, T, D); k, v (B, H_kv, S, D) with H a multiple of H_kv; mask (B or 1, 1, T, S), True =
-    may attend. CPU SDPA splits its work by the number of queries, so in bf16 a token verified
-    among ten others got different logits than the same token in a one-token AR step, and near-ties
-    flipped. Plain matmuls with a float32 softmax keep each row's arithmetic independent of T.
+    Built once per forward and shared by every layer; rows are laid out as `attention` groups its
+    query heads (`group` query heads per kv head).
     """
-    B, H, T, D = q.shape
-    h_kv, S = k.shape[1], k.shape[2]
-    rep = H // h_kv
     while mask.dim() < 4:  # (T, S) or (B, T, S) broadcast like SDPA's
         mask = mask.unsqueeze(0) if mask.dim() < 3 else mask.unsqueeze(1)
-    # query heads sharing a kv head become extra rows of one matmul per kv head (GQA)
-    scores = torch.matmul(q.reshape(B, h_kv, rep * T, D), k.transpose(-1, -2)).float() * D ** -0.5
-    allowed = mask.unsqueeze(2).expand(mask.shape[0], 1, rep, T, S).reshape(mask.shape[0], 1, rep * T, S)
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(q.dtype)
+    b, _, t, s = mask.shape
+    bias = torch.full((b, 1, t, width), float("-inf"), device=mask.device)
+    bias[..., :s].masked_fill_(mask, 0.0)
+    return bias.unsqueeze(2).expand(b, 1, group, t, width).reshape(b, 1, group * t, width)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Softmax attention whose every query row comes out bit for bit the same whatever the other
+    rows of the call (the engine's inference path).
+
+    q (B, H, T, D); k, v (B, H_kv, S, D) with H a multiple of H_kv; bias from `attention_bias`.
+    CPU SDPA splits its work by the number of queries, so in bf16 a token verified among ten
+    others got different logits than the same token in a one-token AR step, and near-ties flipped.
+    Plain matmuls with a float32 softmax keep each row's arithmetic independent of T.
+    """
+    B, H, T, D = q.shape
+    h_kv = k.shape[1]
+    # query heads sharing a kv head become extra rows of one matmul per kv head (GQA); scale and
+    # bias are separate exact-rounding ops, so no fused multiply-add rounds some columns differently
+    scores = torch.matmul(q.reshape(B, h_kv, H // h_kv * T, D), k.transpose(-1, -2)).float()
+    probs = scores.mul_(D ** -0.5).add_(bias).softmax(-1).to(q.dtype)
     return torch.matmul(probs, v).reshape(B, H, T, D)
 
 
 class KVCache:
-    """Static, preallocated per-layer K/V storage: (B, H_kv, max_len, D) per layer.
+    """Per-layer K/V storage, (B, H_kv, capacity, D) per layer, for up to max_len slots.
 
     Slot s of the cache holds the token written at cache offset s. Committed tokens occupy slots
     [0, length); anything written beyond (draft and [MASK] tokens of a TiDAR step) is dropped by
     `truncate`, which only moves the length: later writes overwrite those slots, and attention
-    never reads past the offset it is given. `valid` marks, per sequence, which slots hold
+    masks every slot past the ones it is given. `valid` marks, per sequence, which slots hold
     committed tokens (left padding and ragged batch commits leave holes).
+
+    The storage grows GROW slots at a time instead of being sliced out of a max_len buffer: the
+    engine attends over the whole buffer, which is contiguous, where a slice of a larger buffer
+    made every layer's batched matmuls copy K and V first (the extra slots are masked).
     """
+
+    GROW = 64
 
     def __init__(self, config: TidarConfig, batch_size: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.shape = (batch_size, config.num_key_value_heads, 0, config.head_dim)
+        self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def _grow(self, need: int) -> None:
+        size = min(self.max_len, -(-need // self.GROW) * self.GROW)
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                new = old.new_zeros(*old.shape[:2], size, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                store[i] = new
 
     def truncate(self, n: int) -> None:
         """Roll back to the first n slots; everything after is forgotten."""
@@ -250,6 +285,8 @@ class KVCache:
         """Each layer's (K, V) storage, after checking that n tokens written at `offset` fit."""
         if offset + n > self.max_len:
             raise ValueError(f"KV cache full: need {offset + n} slots, have {self.max_len}")
+        if offset + n > self.capacity:
+            self._grow(offset + n)
         return list(zip(self.k, self.v, strict=True))
 
 
@@ -270,22 +307,28 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor,
                 mask_rows: MaskRows, kv: tuple[torch.Tensor, torch.Tensor] | None, offset: int) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.qkv is not None and not self.training:
-            q, k, v = self.qkv(x, mask_rows)
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        fused = self.qkv is not None and not self.training
+        if fused:  # q and k are adjacent columns of one output: rotate them in one go
+            out = self.qkv.output(x, mask_rows)
+            qk = apply_rope(out[..., : (H + H_kv) * D].view(B, T, H + H_kv, D).transpose(1, 2), cos, sin)
+            q, k = qk.split([H, H_kv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
+            v = out[..., (H + H_kv) * D:].view(B, T, H_kv, D).transpose(1, 2)
         else:
             q, k, v = (p(x, mask_rows) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
+            k = apply_rope(k.view(B, T, H_kv, D).transpose(1, 2), cos, sin)
+            v = v.view(B, T, H_kv, D).transpose(1, 2)
         if kv is not None:  # this layer's KV cache: write the new tokens, attend over all so far
             k_cache, v_cache = kv
             k_cache[:, :, offset:offset + T] = k
             v_cache[:, :, offset:offset + T] = v
-            k, v = k_cache[:, :, :offset + T], v_cache[:, :, :offset + T]  # (B, H_kv, offset + T, D)
-        if kv is not None and self.qkv is not None and not self.training:
-            # the fused, cached inference path (the engine): AR and TiDAR steps must round alike
-            y = attention(q, k, v, attn_mask)
+            if not fused:
+                k, v = k_cache[:, :, :offset + T], v_cache[:, :, :offset + T]  # (B, H_kv, offset + T, D)
+        if kv is not None and fused:
+            # the engine: AR and TiDAR steps must round alike; attn_mask is the forward's
+            # `attention_bias` over the whole (contiguous) cache buffer
+            y = attention(q, k_cache, v_cache, attn_mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
@@ -391,6 +434,11 @@ class Transformer(nn.Module):
     def packed(self) -> bool:
         return self._packed_head is not None
 
+    @property
+    def fused(self) -> bool:
+        """Whether `fuse_for_inference` ran: cached eval forwards then take the engine's path."""
+        return self.layers[0].self_attn.qkv is not None
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits (in the model's dtype) for final-norm hidden states."""
         return linear(hidden, self.head_weight(), self._packed_head)
@@ -460,6 +508,9 @@ class Transformer(nn.Module):
             position_ids = position_ids.expand(x.shape[0], -1)
         cos, sin = self.rope(position_ids, x.dtype)
         kvs = cache.layers(offset, x.shape[1]) if cache is not None else [None] * len(self.layers)
+        if cache is not None and self.fused and not self.training:  # the engine's attention path
+            c = self.config
+            attn_mask = attention_bias(attn_mask, cache.capacity, c.num_attention_heads // c.num_key_value_heads)
         # compiled only for cached inference: the engine's shapes (uncached passes are training/eval)
         use_compiled = self._compiled_block is not None and cache is not None and not self.training
         run = self._compiled_block if use_compiled else _run_block
