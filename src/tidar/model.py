@@ -83,7 +83,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None,
     for lo, hi, w in packed.chunks:
         part = x if hi - lo == x.shape[-1] else x[..., lo:hi].contiguous()
         y = torch.ops.mkldnn._linear_pointwise(part, w, bias if out is None else None, "none", [], "")
-        out = y if out is None else out.add_(y)
+        out = y if out is None else out + y  # not in place: a forward with grad enabled must work too
     return out
 
 
