@@ -314,6 +314,24 @@ def test_prompt_lookup_with_sampling_keeps_distribution_with_long_spans(span_pre
     assert out.stats.acceptance_histogram[0] > 0 and out.stats.forwards >= 2
 
 
+def test_draft_gate_with_sampling_keeps_distribution():
+    """The shipped default gates pre-drafting (min_draft_gain): with an unreachable gain, a step
+    after a verified diffusion draft runs plain and the next draft is the bonus token alone. Three
+    sampled tokens cover the prefill's draft, its verification and that plain step."""
+    model = tiny_model(seed=4, vocab_size=4)
+    model.init_weights(std=0.12, seed=4)
+    prompt = [0, 3, 1]
+    exact = exact_three_token_dist(model, prompt)
+    out = generate(model, [prompt] * 4000, GenerationConfig(
+        do_sample=True, max_new_tokens=3, seed=7, block_size=3, min_draft_gain=10.0))
+    counts = torch.zeros(4, 4, 4)
+    for s in out.sequences:
+        counts[s[0], s[1], s[2]] += 1
+    stat, _ = chi_square(counts, exact)
+    assert stat < THRESHOLD
+    assert out.stats.plain_forwards > 0
+
+
 def test_compiled_blocks_match_eager_and_stay_lossless():
     """torch.compile'd blocks (the CPU fast path): same logits as eager up to rounding, and greedy
     TiDAR through them still equals AR, for single prompts and a ragged batch (bool mask rows)."""

@@ -70,7 +70,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup-tokens", type=int, default=None,
                    help="longest prompt-lookup draft after the committed token; may exceed the block (0 = b-1)")
     p.add_argument("--min-draft-gain", type=float, default=None,
-                   help="pre-draft only while diffusion drafts commit this many extra tokens per step (0 = always)")
+                   help="pre-draft only while diffusion drafts commit this many extra tokens per step "
+                        "(0 = always; default: the model's operating point, 0.5 for the shipped model)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=positive_int, default=None)
