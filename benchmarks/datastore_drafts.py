@@ -33,13 +33,11 @@ def ngram_keys(tokens: np.ndarray, n: int, base: int) -> np.ndarray:
     return keys
 
 
-def lookup_span(ctx: list[int], n: int = 2) -> list[int]:
-    """What followed the latest earlier occurrence of the context's last n tokens (the engine's rule)."""
+def has_lookup_span(ctx: list[int], n: int = 2) -> bool:
+    """Whether the engine's prompt lookup would draft here: the context's last n tokens occurred
+    earlier in it."""
     key = ctx[-n:]
-    for j in range(len(ctx) - n - 1, -1, -1):
-        if ctx[j:j + n] == key:
-            return ctx[j + n:j + n + DRAFT]
-    return []
+    return any(ctx[j:j + n] == key for j in range(len(ctx) - n))
 
 
 def main() -> None:
@@ -67,7 +65,7 @@ def main() -> None:
         seq = list(ids) + [t for out in dec.stream([ids]) for t in out[0]]
         for t in range(len(ids), len(seq) - 1):
             ctx, future = seq[:t + 1], seq[t + 1:t + 1 + DRAFT]
-            if lookup_span(ctx):
+            if has_lookup_span(ctx):
                 with_span += 1
                 continue
             without += 1

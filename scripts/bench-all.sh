@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every measurement in the README's results section, in order. Run on an otherwise idle machine
 # (each report records the other processes' CPU share); takes about an hour on 2 cores.
-# `bash scripts/bench-all.sh profile|humaneval|exact|fp32|prose|compiled` runs one part.
+# `bash scripts/bench-all.sh profile|humaneval|fp32|prose|compiled` runs one part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.venv/bin/tidar
@@ -19,10 +19,6 @@ if run humaneval; then  # all 164 prompts, every baseline in one process
   $T bench --prompts humaneval --methods ar,tidar,hf,hf-lookup,llamacpp --max-new-tokens 128 --dtype bfloat16 \
     --threads 2 --json $R/humaneval-bf16.json --plots $R/humaneval-bf16 --profile $R/profile-bf16.json \
     --no-progress | tee $R/humaneval-bf16.log
-fi
-if run exact; then  # bf16 output equality on all 164 prompts (ours only: about 12 minutes)
-  $T bench --prompts humaneval --methods ar,tidar --max-new-tokens 128 --dtype bfloat16 --threads 2 \
-    --json $R/humaneval-bf16-exact.json --no-progress | tee $R/humaneval-bf16-exact.log
 fi
 if run fp32; then  # output equality where rounding cannot flip near-ties
   $T bench --prompts humaneval --limit 20 --methods ar,tidar --max-new-tokens 128 --dtype float32 --threads 2 \

@@ -255,9 +255,9 @@ class KVCache:
 
     def __init__(self, config: TidarConfig, batch_size: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
-        self.shape = (batch_size, config.num_key_value_heads, 0, config.head_dim)
-        self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        shape = (batch_size, config.num_key_value_heads, 0, config.head_dim)  # grown by `layers`
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
