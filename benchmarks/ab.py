@@ -1,9 +1,9 @@
 """Same-process A/B of engine variants on HumanEval (or held-out prose) prompts: each variant is a set of
 GenerationConfig overrides on top of the shipped operating point (plus "pack": false for plain
-F.linear weights, and "adapter_off": ["o", "down"] to run those fused projections without their
-mask-row adapter), run interleaved per prompt with the order rotated, so machine noise hits all
-variants alike. Reports tokens/s, the ratio to the first variant, tokens and rows per forward,
-and whether outputs agree.
+F.linear weights, "kernels": false for the engine's PyTorch path instead of `tidar.kernels`, and
+"adapter_off": ["o", "down"] to run those fused projections without their mask-row adapter), run
+interleaved per prompt with the order rotated, so machine noise hits all variants alike. Reports
+tokens/s, the ratio to the first variant, tokens and rows per forward, and whether outputs agree.
 
     .venv/bin/python benchmarks/ab.py --start 20 --limit 20 \
         --variants '{"ar": {"mode": "ar"}, "pre": {"span_predraft": true}, "default": {}}'
@@ -54,6 +54,7 @@ def main() -> None:
         for name in names[i % len(names):] + names[: i % len(names)]:
             overrides = dict(variants[name])
             rt.model.pack_weights(overrides.pop("pack", True))
+            rt.model.use_kernels(overrides.pop("kernels", True))
             off = set(overrides.pop("adapter_off", ()))
             for k, fs in fused.items():  # a FusedLinear without lora_b takes its base-only path
                 for f, b in zip(fs, adapters[k], strict=True):

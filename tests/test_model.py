@@ -204,17 +204,21 @@ def test_packed_bf16_matmul_rows_do_not_depend_on_the_call():
         torch.testing.assert_close(together.float(), torch.nn.functional.linear(x, w).float(), atol=0.05, rtol=0.02)
 
 
-def test_bf16_cached_step_logits_are_those_of_one_token_steps():
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "pytorch"])
+def test_bf16_cached_step_logits_are_those_of_one_token_steps(use_kernels):
     """The engine's bf16 exactness: a token's logits in a multi-token cached step (drafts + [MASK]
     rows after it) equal, bit for bit, its logits in one-token AR steps, so greedy TiDAR cannot
-    flip a near-tie. SDPA broke this for 10+ query rows on this CPU."""
+    flip a near-tie. SDPA broke this for 10+ query rows on this CPU. Both engine paths: the compiled
+    kernels (tidar.kernels) and plain PyTorch."""
     from tidar.config import AdapterConfig
 
     model = tiny_model(seed=3, intermediate_size=1536, hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
     model.add_adapter(AdapterConfig(rank=4))
-    model = model.to(torch.bfloat16).fuse_for_inference()
+    model = model.to(torch.bfloat16).fuse_for_inference(use_kernels=use_kernels)
     if not model.packed:
         pytest.skip("this torch build cannot pack weights for oneDNN")
+    if model.kernels_on != use_kernels:
+        pytest.skip("the compiled kernels are unavailable here")
     # the prompt ends 8 slots before a KV-cache growth boundary: the 18-row step attends over a
     # wider (masked) buffer than the first one-token steps, which must not change a bit either
     n = KVCache.GROW - 8
@@ -254,11 +258,14 @@ def test_kv_cache_grows_in_steps_and_keeps_its_contents():
     model = tiny_model()
     cache = KVCache(model.config, 2, 150, torch.float32)
     assert cache.capacity == 0
-    (k, _), *_ = cache.layers(0, 10)
+    (k, v), *_ = cache.layers(0, 10)
     assert cache.capacity == KVCache.GROW
-    k[:, :, :10] = 7.0
-    (k, _), *_ = cache.layers(10, KVCache.GROW)  # crosses the boundary: copied into a larger buffer
-    assert cache.capacity == 2 * KVCache.GROW and torch.all(k[:, :, :10] == 7.0) and k.is_contiguous()
+    k[..., :10] = 7.0  # keys are stored transposed: (B, H_kv, D, slots)
+    v[:, :, :10] = 5.0
+    (k, v), *_ = cache.layers(10, KVCache.GROW)  # crosses the boundary: copied into a larger buffer
+    assert cache.capacity == 2 * KVCache.GROW and k.shape[-1] == v.shape[2] == 2 * KVCache.GROW
+    assert torch.all(k[..., :10] == 7.0) and not k[..., 10:].any() and k.is_contiguous()
+    assert torch.all(v[:, :, :10] == 5.0) and not v[:, :, 10:].any() and v.is_contiguous()
     cache.layers(140, 10)
     assert cache.capacity == 150  # never beyond max_len
     with pytest.raises(ValueError, match="KV cache full"):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tidar import kernels
 from tidar.config import AdapterConfig, TidarConfig
 
 # Which rows are [MASK] tokens: None (none), an int (rows from there on, per sequence), or a bool (B, T)
@@ -144,6 +145,9 @@ class FusedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         lora_b = torch.block_diag(*[p.lora_b.data * p.lora_scale for p in parts]) if has_lora else None
         self.register_buffer("lora_b", lora_b, persistent=False)  # (sum out, sum r), scaled
+        lora_bt = lora_b.t().contiguous() if has_lora else None
+        self.register_buffer("lora_bt", lora_bt, persistent=False)  # (sum r, sum out): `kernels.lora_add_`'s layout
+        self.kernels = False  # add the [MASK]-row branch with the compiled kernel (Transformer.use_kernels)
         # oneDNN-packed copies (see `pack_weight`): plain attributes, never saved or moved
         self.packed_base: PackedWeight | None = None
         self.packed_full: PackedWeight | None = None
@@ -170,6 +174,9 @@ class FusedLinear(nn.Module):
         else:
             full = linear(x, self.weight, self.packed_full, self.bias)
             out, down = full[..., : self.n_out], full[..., self.n_out:]
+            if self.kernels and isinstance(mask_rows, int) and out.dim() == 3:
+                kernels.lora_add_(out, down, self.lora_bt, mask_rows)  # one call instead of four ops
+                return out
             sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
             # a column slice of `full` is strided; bf16 matmuls on a strided input take a slow path
             # on CPU (3-4x here), and a copy of a few rows x rank is cheap
@@ -219,26 +226,29 @@ def attention_bias(mask: torch.Tensor, width: int, group: int) -> torch.Tensor:
     return bias.unsqueeze(2).expand(b, 1, group, t, width).reshape(b, 1, group * t, width)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Softmax attention whose every query row comes out bit for bit the same whatever the other
-    rows of the call (the engine's inference path).
+    rows of the call (the engine's inference path without the compiled kernels).
 
-    q (B, H, T, D); k, v (B, H_kv, S, D) with H a multiple of H_kv; bias from `attention_bias`.
+    q (B, H, T, D); k_t (B, H_kv, D, S), keys transposed as the KV cache stores them; v (B, H_kv, S, D),
+    with H a multiple of H_kv; bias from `attention_bias`. Returns (B, H, T, D).
     CPU SDPA splits its work by the number of queries, so in bf16 a token verified among ten
     others got different logits than the same token in a one-token AR step, and near-ties flipped.
     Plain matmuls with a float32 softmax keep each row's arithmetic independent of T.
     """
     B, H, T, D = q.shape
-    h_kv = k.shape[1]
+    h_kv = k_t.shape[1]
     # query heads sharing a kv head become extra rows of one matmul per kv head (GQA); scale and
     # bias are separate exact-rounding ops, so no fused multiply-add rounds some columns differently
-    scores = torch.matmul(q.reshape(B, h_kv, H // h_kv * T, D), k.transpose(-1, -2)).float()
+    scores = torch.matmul(q.reshape(B, h_kv, H // h_kv * T, D), k_t).float()
     probs = scores.mul_(D ** -0.5).add_(bias).softmax(-1).to(q.dtype)
     return torch.matmul(probs, v).reshape(B, H, T, D)
 
 
 class KVCache:
-    """Per-layer K/V storage, (B, H_kv, capacity, D) per layer, for up to max_len slots.
+    """Per-layer K/V storage for up to max_len slots: keys transposed, (B, H_kv, D, capacity), values
+    (B, H_kv, capacity, D). Transposed keys let the attention kernel read 16 slots per vector and
+    the PyTorch path multiply q by K^T with no strided view.
 
     Slot s of the cache holds the token written at cache offset s. Committed tokens occupy slots
     [0, length); anything written beyond (draft and [MASK] tokens of a TiDAR step) is dropped by
@@ -255,24 +265,22 @@ class KVCache:
 
     def __init__(self, config: TidarConfig, batch_size: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
-        shape = (batch_size, config.num_key_value_heads, 0, config.head_dim)  # grown by `layers`
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        b, h, d, n = batch_size, config.num_key_value_heads, config.head_dim, config.num_hidden_layers
+        self.k = [torch.zeros(b, h, d, 0, dtype=dtype, device=device) for _ in range(n)]  # grown by `layers`
+        self.v = [torch.zeros(b, h, 0, d, dtype=dtype, device=device) for _ in range(n)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[2]
+        return self.v[0].shape[2]
 
     def _grow(self, need: int) -> None:
         size = min(self.max_len, -(-need // self.GROW) * self.GROW)
-        for store in (self.k, self.v):
-            for i, old in enumerate(store):
-                new = old.new_zeros(*old.shape[:2], size, old.shape[3])
-                new[:, :, : old.shape[2]] = old
-                store[i] = new
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            self.k[i] = torch.cat([k, k.new_zeros(*k.shape[:3], size - k.shape[3])], dim=3)
+            self.v[i] = torch.cat([v, v.new_zeros(*v.shape[:2], size - v.shape[2], v.shape[3])], dim=2)
 
     def truncate(self, n: int) -> None:
         """Roll back to the first n slots; everything after is forgotten."""
@@ -282,7 +290,7 @@ class KVCache:
         self.length = n
 
     def layers(self, offset: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (K, V) storage, after checking that n tokens written at `offset` fit."""
+        """Each layer's (K^T, V) storage, after checking that n tokens written at `offset` fit."""
         if offset + n > self.max_len:
             raise ValueError(f"KV cache full: need {offset + n} slots, have {self.max_len}")
         if offset + n > self.capacity:
@@ -303,6 +311,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
         self.qkv: FusedLinear | None = None
         self.o: FusedLinear | None = None
+        self.kernels = False  # the engine's attention through `kernels.decode_attention`
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor,
                 mask_rows: MaskRows, kv: tuple[torch.Tensor, torch.Tensor] | None, offset: int) -> torch.Tensor:
@@ -320,18 +329,21 @@ class Attention(nn.Module):
             k = apply_rope(k.view(B, T, H_kv, D).transpose(1, 2), cos, sin)
             v = v.view(B, T, H_kv, D).transpose(1, 2)
         if kv is not None:  # this layer's KV cache: write the new tokens, attend over all so far
-            k_cache, v_cache = kv
-            k_cache[:, :, offset:offset + T] = k
+            k_cache, v_cache = kv  # (B, H_kv, D, W), (B, H_kv, W, D)
+            k_cache[..., offset:offset + T] = k.transpose(-1, -2)
             v_cache[:, :, offset:offset + T] = v
-            if not fused:
-                k, v = k_cache[:, :, :offset + T], v_cache[:, :, :offset + T]  # (B, H_kv, offset + T, D)
+            if not fused:  # (B, H_kv, offset + T, D) each; SDPA picks its kernel by layout, so K as stored
+                k, v = k_cache[..., :offset + T].transpose(-1, -2).contiguous(), v_cache[:, :, :offset + T]
         if kv is not None and fused:
             # the engine: AR and TiDAR steps must round alike; attn_mask is the forward's
             # `attention_bias` over the whole (contiguous) cache buffer
-            y = attention(q, k_cache, v_cache, attn_mask)
+            if self.kernels:
+                y = kernels.decode_attention(q, k_cache, v_cache, attn_mask, offset + T).view(B, T, H * D)
+            else:
+                y = attention(q, k_cache, v_cache, attn_mask).transpose(1, 2).reshape(B, T, H * D)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+            y = y.transpose(1, 2).reshape(B, T, H * D)
         if self.o is not None and not self.training:
             return self.o(y, mask_rows)[0]
         return self.o_proj(y, mask_rows)
@@ -390,6 +402,8 @@ class Transformer(nn.Module):
         self._compiled_block: object | None = None
         self._packed_head: PackedWeight | None = None
         self._was_packed = False  # packing state to restore when compiled blocks are dropped
+        self._kernels = False  # the engine runs its attention and adapter branch through `tidar.kernels`
+        self._had_kernels = False
         if config.adapter is not None:
             self.add_adapter(config.adapter)
 
@@ -408,17 +422,39 @@ class Transformer(nn.Module):
                     mod.to(device=mod.weight.device)
 
     @torch.no_grad()
-    def fuse_for_inference(self, pack: bool = True) -> Transformer:
-        """Fuse q/k/v and gate/up projections and their adapters, and (`pack`, CPU) pre-pack every
-        inference weight for oneDNN. Call after the last `.to()` and after loading weights: the
-        fused adapter and the packed weights are copies; training ignores the fused path."""
+    def fuse_for_inference(self, pack: bool = True, use_kernels: bool = True) -> Transformer:
+        """Fuse q/k/v and gate/up projections and their adapters, (`pack`, CPU) pre-pack every
+        inference weight for oneDNN, and (`use_kernels`, CPU) route the engine's attention and
+        adapter branch through the compiled kernels where they build. Call after the last `.to()`
+        and after loading weights: the fused adapter and the packed weights are copies; training
+        ignores the fused path."""
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
             attn.o = FusedLinear([attn.o_proj])
             mlp.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
             mlp.down = FusedLinear([mlp.down_proj])
+        self.use_kernels(use_kernels)
         return self.pack_weights(pack)
+
+    def use_kernels(self, enable: bool = True) -> bool:
+        """Switch the engine between the compiled kernels (`tidar.kernels`, where they build and fit
+        this model: CPU, float32/bfloat16, head_dim 16/32/64/128) and its PyTorch path; both are
+        exact. Returns whether the kernels are on. Needs `fuse_for_inference` first."""
+        p = self.embed_tokens.weight
+        head_dim = self.config.head_dim
+        on = (enable and self.fused and p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
+              and head_dim in (16, 32, 64, 128) and kernels.available())
+        for layer in self.layers:
+            layer.self_attn.kernels = on
+            for fused in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down):
+                fused.kernels = on and fused.n_out % 16 == 0
+        self._kernels = on
+        return on
+
+    @property
+    def kernels_on(self) -> bool:
+        return self._kernels
 
     @torch.no_grad()
     def pack_weights(self, enable: bool = True) -> Transformer:
@@ -455,12 +491,16 @@ class Transformer(nn.Module):
         self._compiled_block = torch.compile(_run_block, dynamic=True)
         self._was_packed = self.packed
         self.pack_weights(False)
+        self._had_kernels = self._kernels
+        self.use_kernels(False)  # inductor traces PyTorch ops
         return self
 
     def decompile_blocks(self) -> Transformer:
         self._compiled_block = None
         if self._was_packed:
             self.pack_weights(True)
+        if self._had_kernels:
+            self.use_kernels(True)
         return self
 
     @property
@@ -509,8 +549,9 @@ class Transformer(nn.Module):
         cos, sin = self.rope(position_ids, x.dtype)
         kvs = cache.layers(offset, x.shape[1]) if cache is not None else [None] * len(self.layers)
         if cache is not None and self.fused and not self.training:  # the engine's attention path
-            c = self.config
-            attn_mask = attention_bias(attn_mask, cache.capacity, c.num_attention_heads // c.num_key_value_heads)
+            c = self.config  # the kernel maps query heads to their mask rows itself
+            group = 1 if self._kernels else c.num_attention_heads // c.num_key_value_heads
+            attn_mask = attention_bias(attn_mask, cache.capacity, group)
         # compiled only for cached inference: the engine's shapes (uncached passes are training/eval)
         use_compiled = self._compiled_block is not None and cache is not None and not self.training
         run = self._compiled_block if use_compiled else _run_block

@@ -1,0 +1,308 @@
+// CPU kernels for the decoding engine's two kinds of small op: decode-step attention over the KV
+// cache, and the adapter's [MASK]-row up-projection. At a decode step's few rows, a oneDNN call costs
+// 15-25 us whatever its size, and this model makes 180-300 of them per step.
+//
+// Exactness contract of `decode_attention`: each query row's output is a function of that row's
+// query, the keys/values it may attend to and its mask row only, computed by the same instruction
+// sequence whatever the number of rows in the call, the cache capacity or the thread split. That is
+// what makes a token verified among many rows equal, bit for bit, to the same token in a one-token
+// AR step. Hence: fixed per-lane summation orders, key blocks padded to a whole vector (no scalar
+// tails), masked keys contributing exact zeros, and our own polynomial exp (libm's vector and
+// scalar exp round differently, and which one a compiler uses can depend on the loop shape).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int L = 16;  // lanes per vector: one AVX-512 register (two AVX2 ones)
+typedef float vf __attribute__((vector_size(L * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(L * sizeof(int32_t))));
+typedef uint32_t vu __attribute__((vector_size(L * sizeof(uint32_t))));
+typedef uint16_t vh __attribute__((vector_size(L * sizeof(uint16_t))));
+
+inline vf splat(float x) { return vf{} + x; }
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vf load(const c10::BFloat16* p) {  // bf16 is the top half of a float32
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline void store(c10::BFloat16* p, vf v) {
+  for (int j = 0; j < L; ++j) p[j] = c10::BFloat16(v[j]);  // round to nearest even
+}
+
+inline float hsum(vf v) {  // fixed pairwise order
+  float s[L];
+  std::memcpy(s, &v, sizeof s);
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) s[j] += s[j + w];
+  return s[0];
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), 0 below -87 (float32's normal range) and
+// for -inf: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-6 polynomial
+// (about 1 ulp).
+inline vf exp_nonpositive(vf x) {
+  const vf lo = splat(-87.0f);
+  vi under = x < lo;
+  x = under ? lo : x;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf t = x * splat(1.44269504088896341f) + magic;
+  vi n;
+  {
+    vi ti;
+    std::memcpy(&ti, &t, sizeof ti);
+    vi mi;
+    vf m = magic;
+    std::memcpy(&mi, &m, sizeof mi);
+    n = ti - mi;
+  }
+  vf nf = t - magic;
+  vf r = x - nf * splat(0.693359375f);
+  r = r - nf * splat(-2.12194440e-4f);
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  vi e = (n + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  vf y = p * scale;
+  return under ? splat(0.0f) : y;
+}
+
+constexpr int ROWS = 6;  // rows that share one pass over the values (their sums live in registers)
+constexpr int TASK_ROWS = 16;  // query rows per task: they share each converted key block
+constexpr int QROWS = 8;  // rows whose scores are summed side by side (TASK_ROWS is a multiple)
+
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int j = 1; j < L; ++j) m = v[j] > m ? v[j] : m;
+  return m;
+}
+
+// DV = head_dim / 16, a compile-time constant so the per-row sums stay in registers
+template <typename T, int DV>
+void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                    at::Tensor& out, int64_t n_keys) {
+  constexpr int64_t D = DV * L;
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2);
+  const int64_t Hkv = k.size(1), G = H / Hkv, R = G * Tq, W = k.size(3);  // R: query rows per kv head
+  const int64_t chunks = (R + TASK_ROWS - 1) / TASK_ROWS, n_pad = (n_keys + L - 1) / L * L;
+  const float scale = 1.0f / std::sqrt(float(D));
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const float* bp = bias.data_ptr<float>();
+  T* op = out.data_ptr<T>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const int64_t bs0 = bias.size(0) == 1 ? 0 : bias.stride(0), bs2 = bias.stride(2);
+  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
+
+  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> probs(TASK_ROWS * n_pad), qf(TASK_ROWS * D, 0.0f), kt(D * L);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (Hkv * chunks), hk = task / chunks % Hkv, c = task % chunks;
+      const int64_t r0 = c * TASK_ROWS, nr = std::min<int64_t>(TASK_ROWS, R - r0);
+      const T* kb = kp + b * ks0 + hk * ks1;
+      const T* vb = vp + b * vs0 + hk * vs1;
+      const float* brow[TASK_ROWS];
+      int64_t head[TASK_ROWS], tok[TASK_ROWS];
+      for (int64_t i = 0; i < nr; ++i) {
+        head[i] = hk * G + (r0 + i) / Tq;
+        tok[i] = (r0 + i) % Tq;
+        brow[i] = bp + b * bs0 + tok[i] * bs2;
+        const T* qrow = qp + b * qs0 + head[i] * qs1 + tok[i] * qs2;
+        for (int64_t d = 0; d < D; ++d) qf[i * D + d] = float(qrow[d]);
+      }
+      // scores, 16 keys at a time: K is stored transposed, (D, W), so each lane is one key's dot
+      // product summed over d in order, with no horizontal sums
+      vf mx[TASK_ROWS];
+      for (int64_t i = 0; i < nr; ++i) mx[i] = splat(neg_inf);
+      for (int64_t s0 = 0; s0 < n_pad; s0 += L) {
+        const int64_t nk = std::min<int64_t>(L, n_keys - s0);
+        if (s0 + L <= W) {
+          for (int64_t d = 0; d < D; ++d) store(kt.data() + d * L, load(kb + d * ks2 + s0));
+        } else {  // the buffer ends inside this block
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t j = 0; j < L; ++j) kt[d * L + j] = j < nk ? float(kb[d * ks2 + s0 + j]) : 0.0f;
+        }
+        // QROWS rows at a time: independent dependency chains (one row's sum over d is sequential);
+        // rows past nr are zeros and never stored
+        for (int64_t i0 = 0; i0 < nr; i0 += QROWS) {
+          const float* qi = qf.data() + i0 * D;
+          vf acc[QROWS];
+          for (int r = 0; r < QROWS; ++r) acc[r] = splat(qi[r * D]) * load(kt.data());
+          for (int64_t d = 1; d < D; ++d) {
+            const vf kd = load(kt.data() + d * L);
+            for (int r = 0; r < QROWS; ++r) acc[r] = acc[r] + splat(qi[r * D + d]) * kd;
+          }
+          for (int64_t i = i0; i < std::min<int64_t>(nr, i0 + QROWS); ++i) {
+            vf bv;
+            if (nk == L) {
+              bv = load(brow[i] + s0);
+            } else {
+              for (int64_t j = 0; j < L; ++j) bv[j] = j < nk ? brow[i][s0 + j] : neg_inf;
+            }
+            vf sc = acc[i - i0] * splat(scale) + bv;
+            store(probs.data() + i * n_pad + s0, sc);
+            mx[i] = vmax(mx[i], sc);
+          }
+        }
+      }
+      // exp(score - max); masked keys give exact zeros
+      float inv[TASK_ROWS];
+      for (int64_t i = 0; i < nr; ++i) {
+        float* pr = probs.data() + i * n_pad;
+        const vf m = splat(hmax(mx[i]));
+        vf sum = splat(0.0f);
+        for (int64_t s = 0; s < n_pad; s += L) {
+          vf e = exp_nonpositive(load(pr + s) - m);
+          store(pr + s, e);
+          sum = sum + e;
+        }
+        inv[i] = 1.0f / hsum(sum);
+      }
+      // weighted sum of values, keys in order (a masked key adds +-0, which changes no nonzero sum)
+      for (int64_t i0 = 0; i0 < nr; i0 += ROWS) {
+        const int64_t ni = std::min<int64_t>(ROWS, nr - i0);
+        vf acc[ROWS][DV];
+        for (int64_t i = 0; i < ni; ++i)
+          for (int64_t d = 0; d < DV; ++d) acc[i][d] = splat(0.0f);
+        for (int64_t s = 0; s < n_keys; ++s) {
+          const T* vrow = vb + s * vs2;
+          vf vv[DV];
+          for (int64_t d = 0; d < DV; ++d) vv[d] = load(vrow + d * L);
+          for (int64_t i = 0; i < ni; ++i) {
+            const vf p = splat(probs[(i0 + i) * n_pad + s]);
+            for (int64_t d = 0; d < DV; ++d) acc[i][d] = acc[i][d] + p * vv[d];
+          }
+        }
+        for (int64_t i = 0; i < ni; ++i) {
+          T* orow = op + b * os0 + head[i0 + i] * os1 + tok[i0 + i] * os2;
+          for (int64_t d = 0; d < DV; ++d) store(orow + d * L, acc[i][d] * splat(inv[i0 + i]));
+        }
+      }
+    }
+  });
+}
+
+// Softmax attention for the engine's cached steps. q (B, H, T, D), any strides with unit stride in
+// D; k_t (B, H_kv, D, W) (keys transposed, unit stride in W); v (B, H_kv, W, D) with unit stride in
+// D; bias (B or 1, 1, T, >= n_keys) float32, 0 or -inf. Attends over the first n_keys slots.
+// Returns (B, T, H, D), contiguous: the o-projection's input layout.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                            int64_t n_keys) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && bias.dim() == 4, "decode_attention: 4-d inputs");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "decode_attention: one dtype");
+  TORCH_CHECK(bias.scalar_type() == at::kFloat, "decode_attention: float32 bias");
+    TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: unit stride in the last dim");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0 && k.size(2) == q.size(3) && v.size(2) == k.size(3) && n_keys <= v.size(2) &&
+                  n_keys <= bias.size(3) && bias.size(2) == q.size(2),
+              "decode_attention: shapes");
+  auto out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options());
+  auto view = out.transpose(1, 2);  // (B, H, T, D) over the (B, T, H, D) storage
+  auto b = bias.stride(3) == 1 ? bias : bias.contiguous();
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || q.scalar_type() == at::kFloat, "decode_attention: float32 or bfloat16");
+  switch (q.size(3)) {
+    case 16: bf16 ? attention_impl<c10::BFloat16, 1>(q, k, v, b, view, n_keys) : attention_impl<float, 1>(q, k, v, b, view, n_keys); break;
+    case 32: bf16 ? attention_impl<c10::BFloat16, 2>(q, k, v, b, view, n_keys) : attention_impl<float, 2>(q, k, v, b, view, n_keys); break;
+    case 64: bf16 ? attention_impl<c10::BFloat16, 4>(q, k, v, b, view, n_keys) : attention_impl<float, 4>(q, k, v, b, view, n_keys); break;
+    case 128: bf16 ? attention_impl<c10::BFloat16, 8>(q, k, v, b, view, n_keys) : attention_impl<float, 8>(q, k, v, b, view, n_keys); break;
+    default: TORCH_CHECK(false, "decode_attention: head_dim must be 16, 32, 64 or 128");
+  }
+  return out;
+}
+
+// out rows [row_start, T) += down rows @ up_t over output columns [n0, n0 + NV * 16)
+template <typename T, int NV>
+inline void lora_block(T* op, const T* dp, const T* up, int64_t B, int64_t rows, int64_t row_start, int64_t R,
+                       int64_t N, int64_t n0, int64_t os0, int64_t os1, int64_t ds0, int64_t ds1) {
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
+      const int64_t nr = std::min<int64_t>(ROWS, rows - t0);
+      vf acc[ROWS][NV];
+      for (int64_t i = 0; i < ROWS; ++i)
+        for (int j = 0; j < NV; ++j) acc[i][j] = splat(0.0f);
+      for (int64_t r = 0; r < R; ++r) {
+        vf w[NV];
+        for (int j = 0; j < NV; ++j) w[j] = load(up + r * N + n0 + j * L);
+        for (int64_t i = 0; i < nr; ++i) {
+          const vf x = splat(float(dp[b * ds0 + (row_start + t0 + i) * ds1 + r]));
+          for (int j = 0; j < NV; ++j) acc[i][j] = acc[i][j] + x * w[j];
+        }
+      }
+      for (int64_t i = 0; i < nr; ++i) {
+        T* orow = op + b * os0 + (row_start + t0 + i) * os1 + n0;
+        for (int j = 0; j < NV; ++j) store(orow + j * L, load(orow + j * L) + acc[i][j]);
+      }
+    }
+  }
+}
+
+template <typename T>
+void lora_add_impl(at::Tensor& out, const at::Tensor& down, const at::Tensor& up_t, int64_t row_start) {
+  const int64_t B = out.size(0), N = out.size(2), R = down.size(2), rows = out.size(1) - row_start;
+  T* op = out.data_ptr<T>();
+  const T* dp = down.data_ptr<T>();
+  const T* up = up_t.data_ptr<T>();
+  const int64_t os0 = out.stride(0), os1 = out.stride(1), ds0 = down.stride(0), ds1 = down.stride(1);
+  const int64_t blocks = N / (4 * L), tail = N / L - 4 * blocks;  // 64-column blocks, then 16-column ones
+  at::parallel_for(0, blocks + tail, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      if (blk < blocks) lora_block<T, 4>(op, dp, up, B, rows, row_start, R, N, blk * 4 * L, os0, os1, ds0, ds1);
+      else lora_block<T, 1>(op, dp, up, B, rows, row_start, R, N, (4 * blocks + blk - blocks) * L, os0, os1, ds0, ds1);
+    }
+  });
+}
+
+// out[:, row_start:] += down[:, row_start:] @ up_t, in place, float32 sums, one rounding.
+// out (B, T, N), down (B, T, R): unit stride in the last dim (column slices of one matmul output);
+// up_t (R, N) contiguous, N a multiple of 16. The adapter's mask-row branch: rows < row_start are
+// not touched.
+void lora_add_(at::Tensor out, const at::Tensor& down, const at::Tensor& up_t, int64_t row_start) {
+  TORCH_CHECK(out.dim() == 3 && down.dim() == 3 && up_t.dim() == 2, "lora_add_: out (B,T,N), down (B,T,R), up_t (R,N)");
+  TORCH_CHECK(out.scalar_type() == down.scalar_type() && out.scalar_type() == up_t.scalar_type(), "lora_add_: one dtype");
+  TORCH_CHECK(out.stride(2) == 1 && down.stride(2) == 1 && up_t.is_contiguous(), "lora_add_: unit stride in the last dim");
+  TORCH_CHECK(up_t.size(0) == down.size(2) && up_t.size(1) == out.size(2) && out.size(2) % L == 0 &&
+                  down.size(0) == out.size(0) && down.size(1) == out.size(1) && 0 <= row_start && row_start <= out.size(1),
+              "lora_add_: shapes");
+  if (out.scalar_type() == at::kBFloat16) lora_add_impl<c10::BFloat16>(out, down, up_t, row_start);
+  else if (out.scalar_type() == at::kFloat) lora_add_impl<float>(out, down, up_t, row_start);
+  else TORCH_CHECK(false, "lora_add_: float32 or bfloat16");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tidar_cpu, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, int n_keys) -> Tensor");
+  m.def("lora_add_(Tensor(a!) out, Tensor down, Tensor up_t, int row_start) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tidar_cpu, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("lora_add_", &lora_add_);
+}

@@ -1,0 +1,94 @@
+"""Compiled CPU kernels for the decoding engine (`csrc/cpu_kernels.cpp`), built on first use.
+
+A decode step of a model this small is dominated by per-call overhead: each oneDNN matmul costs
+15-25 us even for a few rows, and the engine makes two per layer for attention and four more for
+the adapter's [MASK]-row branch. Two fused kernels replace them:
+
+- `decode_attention`: softmax attention over the KV cache whose every query row is computed the same
+  way whatever the other rows of the call (TiDAR's greedy output must equal AR's bit for bit);
+- `lora_add_`: the adapter's up-projection added in place on the [MASK] rows.
+
+The kernels are compiled with the machine's C++ compiler through `torch.utils.cpp_extension` (about
+half a minute, once; cached under torch's extension directory). Where that is impossible (no
+compiler, another OS) or `TIDAR_KERNELS=0`, `available()` is False and the engine keeps its pure
+PyTorch path, which is exact too. `python -m tidar.kernels` builds them and prints the outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_state: dict[str, object] = {}
+
+
+def _build() -> str | None:
+    """Compile and load the kernels; None on success, else why not."""
+    if os.environ.get("TIDAR_KERNELS", "1") == "0":
+        return "disabled by TIDAR_KERNELS=0"
+    if not sys.platform.startswith("linux"):
+        return f"not built on {sys.platform}"
+    try:
+        from torch.utils.cpp_extension import load
+    except ImportError as e:  # pragma: no cover - part of every torch build
+        return str(e)
+    # -march=native: the build is for this machine. The name carries a hash of the source, the torch
+    # version and the CPU's flags, so a shared cache never hands a binary to the wrong CPU.
+    flags = ""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
+    try:
+        load(name=f"tidar_cpu_{key}", sources=[str(SOURCE)], is_python_module=False, verbose=False,
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # noqa: BLE001 - any compiler/ninja failure leaves the PyTorch path
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+    return None
+
+
+def available() -> bool:
+    """Whether the compiled kernels are loaded (builds them on the first call)."""
+    if "error" not in _state:
+        _state["error"] = _build()
+        if _state["error"] is not None and os.environ.get("TIDAR_KERNELS", "1") != "0":
+            warnings.warn(f"tidar: compiled CPU kernels unavailable ({_state['error']}); using the PyTorch path",
+                          stacklevel=2)
+    return _state["error"] is None
+
+
+def unavailable_reason() -> str | None:
+    available()
+    return _state["error"]  # type: ignore[return-value]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     n_keys: int) -> torch.Tensor:
+    """q (B, H, T, D); k, v (B, H_kv, W, D); bias (B or 1, 1, T, W) float32 (0 / -inf) -> (B, T, H, D)."""
+    return torch.ops.tidar_cpu.decode_attention(q, k, v, bias, n_keys)
+
+
+def lora_add_(out: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, row_start: int) -> None:
+    """out[:, row_start:] += down[:, row_start:] @ up_t, in place (float32 sums)."""
+    torch.ops.tidar_cpu.lora_add_(out, down, up_t, row_start)
+
+
+def supports_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128 and q.stride(-1) == 1 and k.stride(-1) == 1)
+
+
+def supports_lora(out: torch.Tensor) -> bool:
+    return out.device.type == "cpu" and out.dtype in (torch.float32, torch.bfloat16) and out.shape[-1] % 16 == 0
+
+
+if __name__ == "__main__":
+    ok = available()
+    print("tidar compiled CPU kernels:", "loaded" if ok else f"unavailable ({unavailable_reason()})")

@@ -1,0 +1,83 @@
+"""The compiled CPU kernels (tidar.kernels): right answers, and rows that do not depend on the call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tidar import kernels
+from tidar.model import attention_bias
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+
+
+def reference_attention(q, k_t, v, mask, n_keys):  # noqa: ANN001, ANN201
+    """float64 softmax attention with GQA, (B, T, H, D)."""
+    g = q.shape[1] // k_t.shape[1]
+    k = k_t[..., :n_keys].double().transpose(-1, -2).repeat_interleave(g, 1)
+    vv = v[:, :, :n_keys].double().repeat_interleave(g, 1)
+    scores = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~mask[..., :n_keys], float("-inf"))
+    return (scores.softmax(-1) @ vv).transpose(1, 2)
+
+
+def random_case(seed: int, b: int, t: int, width: int, n_keys: int, d: int = 64, h: int = 6, h_kv: int = 2,
+                dtype: torch.dtype = torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, t, d, generator=g).to(dtype)
+    k_t = torch.randn(b, h_kv, d, width, generator=g).to(dtype)
+    v = torch.randn(b, h_kv, width, d, generator=g).to(dtype)
+    mask = torch.rand(b, 1, t, n_keys, generator=g) > 0.3  # holes, like left padding and rejected drafts
+    mask[..., 0] = True  # every row sees at least one key
+    return q, k_t, v, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [16, 64, 128])
+def test_decode_attention_matches_float64_softmax_attention(dtype, d):
+    # width 70: the last 16-slot block runs past the buffer; 37 keys: a partial block of keys
+    for b, t, width, n_keys in ((1, 1, 70, 37), (2, 5, 64, 64), (1, 19, 128, 100)):
+        q, k_t, v, mask = random_case(b * 100 + t, b, t, width, n_keys, d=d, dtype=dtype)
+        bias = attention_bias(mask, width, 1)
+        out = kernels.decode_attention(q, k_t, v, bias, n_keys)
+        assert out.shape == (b, t, q.shape[1], d) and out.dtype == dtype and out.is_contiguous()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.double(), reference_attention(q, k_t, v, mask, n_keys), atol=tol, rtol=tol)
+
+
+def test_decode_attention_row_is_the_same_alone_or_among_others():
+    """The engine's exactness rests on this: a query row's output, bit for bit, must not depend on
+    how many rows share the call, where it sits among them, or how many (masked) keys lie beyond it."""
+    q, k_t, v, mask = random_case(7, 1, 24, 256, 200)
+    mask = mask & torch.ones(24, 200, dtype=torch.bool).tril(176)  # causal over the last 24 keys
+    together = kernels.decode_attention(q, k_t, v, attention_bias(mask, 256, 1), 200)
+    for start, n in ((0, 1), (5, 1), (23, 1), (3, 4), (8, 16), (0, 24)):
+        rows = slice(start, start + n)
+        last_key = 177 + start + n - 1  # keys past the last row's causal range are masked for all its rows
+        alone = kernels.decode_attention(q[:, :, rows], k_t, v, attention_bias(mask[:, :, rows, :last_key], 256, 1),
+                                         last_key)
+        assert torch.equal(alone, together[:, rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_add_adds_the_up_projection_on_mask_rows_only(dtype):
+    g = torch.Generator().manual_seed(0)
+    for n, r, row_start in ((960, 96, 7), (80, 8, 0), (3072, 64, 10)):  # 80: a 64-column block and a 16-column tail
+        full = torch.randn(2, 10, n + r, generator=g).to(dtype)
+        up_t = (torch.randn(r, n, generator=g) * 0.1).to(dtype)
+        expect = full[..., :n].double().clone()
+        expect[:, row_start:] += full[:, row_start:, n:].double() @ up_t.double()
+        before = full.clone()
+        kernels.lora_add_(full[..., :n], full[..., n:], up_t, row_start)
+        assert torch.equal(full[:, :row_start], before[:, :row_start])  # clean rows untouched
+        assert torch.equal(full[..., n:], before[..., n:])  # the input columns too
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(full[..., :n].double(), expect, atol=tol, rtol=tol)
+
+
+def test_kernels_reject_bad_shapes_with_a_message():
+    q, k_t, v, mask = random_case(1, 1, 2, 64, 64, d=24)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        kernels.decode_attention(q, k_t, v, attention_bias(mask, 64, 1), 64)
+    with pytest.raises(RuntimeError, match="lora_add_"):
+        kernels.lora_add_(torch.zeros(1, 2, 40), torch.zeros(1, 2, 4), torch.zeros(4, 40), 0)
