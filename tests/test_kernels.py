@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+
 import pytest
 import torch
 
 from tidar import kernels
 from tidar.model import attention_bias
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and shutil.which("c++")) or os.environ.get("TIDAR_KERNELS") == "0",
+                    reason="no C++ compiler here, or TIDAR_KERNELS=0")
+def test_kernels_build_where_there_is_a_compiler():
+    """Where they can be built they must be: a broken kernel source would otherwise only show up as
+    skipped tests and a slower engine."""
+    assert kernels.available(), kernels.unavailable_reason()
 
 
 def reference_attention(q, k_t, v, mask, n_keys):  # noqa: ANN001, ANN201
@@ -32,6 +44,7 @@ def random_case(seed: int, b: int, t: int, width: int, n_keys: int, d: int = 64,
     return q, k_t, v, mask
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d", [16, 64, 128])
 def test_decode_attention_matches_float64_softmax_attention(dtype, d):
@@ -45,6 +58,7 @@ def test_decode_attention_matches_float64_softmax_attention(dtype, d):
         torch.testing.assert_close(out.double(), reference_attention(q, k_t, v, mask, n_keys), atol=tol, rtol=tol)
 
 
+@needs_kernels
 def test_decode_attention_row_is_the_same_alone_or_among_others():
     """The engine's exactness rests on this: a query row's output, bit for bit, must not depend on
     how many rows share the call, where it sits among them, or how many (masked) keys lie beyond it."""
@@ -59,6 +73,7 @@ def test_decode_attention_row_is_the_same_alone_or_among_others():
         assert torch.equal(alone, together[:, rows])
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_add_adds_the_up_projection_on_mask_rows_only(dtype):
     g = torch.Generator().manual_seed(0)
@@ -75,9 +90,53 @@ def test_lora_add_adds_the_up_projection_on_mask_rows_only(dtype):
         torch.testing.assert_close(full[..., :n].double(), expect, atol=tol, rtol=tol)
 
 
+@needs_kernels
 def test_kernels_reject_bad_shapes_with_a_message():
     q, k_t, v, mask = random_case(1, 1, 2, 64, 64, d=24)
     with pytest.raises(RuntimeError, match="head_dim"):
         kernels.decode_attention(q, k_t, v, attention_bias(mask, 64, 1), 64)
     with pytest.raises(RuntimeError, match="lora_add_"):
         kernels.lora_add_(torch.zeros(1, 2, 40), torch.zeros(1, 2, 4), torch.zeros(4, 40), 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_kernels_follow_the_reference_formula(dtype):
+    from tidar.model import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    norm = RMSNorm(72, 1e-5).to(dtype)  # 72: a 16-lane sum plus a scalar tail
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(72, generator=g) + 0.5)
+    x = (torch.randn(2, 5, 72, generator=g) * 3).to(dtype)
+    wide = torch.randn(2, 5, 100, generator=g).to(dtype)
+    delta = wide[..., 10:82]  # a column slice, as a fused projection's output is
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(kernels.rms_norm(x, norm.weight, norm.eps), norm(x), **tol)
+    s, y = kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
+    assert torch.equal(s, x + delta)  # one rounding of the float32 sum, like torch's add
+    torch.testing.assert_close(y, norm(x + delta), **tol)
+    # row by row: the same bits alone as among others
+    row = x[:, 2:3].contiguous()
+    assert torch.equal(kernels.rms_norm(row, norm.weight, norm.eps), kernels.rms_norm(x, norm.weight, norm.eps)[:, 2:3])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_cache_rotates_q_and_k_and_writes_the_cache(dtype):
+    from tidar.model import RotaryEmbedding, apply_rope
+
+    g = torch.Generator().manual_seed(4)
+    b, t, h, h_kv, d, width, offset = 2, 3, 4, 2, 16, 64, 9
+    wide = torch.randn(b, t, (h + 2 * h_kv) * d + 8, generator=g).to(dtype)
+    qkv = wide[..., 8:]  # unit last stride, wider rows
+    cos, sin = RotaryEmbedding(d, 128, 10000.0)(torch.arange(offset, offset + t)[None].expand(b, -1), dtype)
+    k_cache = torch.zeros(b, h_kv, d, width, dtype=dtype)
+    v_cache = torch.zeros(b, h_kv, width, d, dtype=dtype)
+    q = kernels.rope_cache_(qkv, cos.contiguous(), sin.contiguous(), k_cache, v_cache, offset, h)
+    heads = qkv.reshape(b, t, h + 2 * h_kv, d).transpose(1, 2)  # (B, heads, T, D)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(q, apply_rope(heads[:, :h], cos, sin), **tol)
+    torch.testing.assert_close(k_cache[..., offset:offset + t], apply_rope(heads[:, h:h + h_kv], cos, sin).transpose(-1, -2), **tol)
+    assert torch.equal(v_cache[:, :, offset:offset + t], heads[:, h + h_kv:])
+    assert not k_cache[..., :offset].any() and not v_cache[:, :, offset + t:].any()  # nothing else written

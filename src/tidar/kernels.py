@@ -1,12 +1,16 @@
 """Compiled CPU kernels for the decoding engine (`csrc/cpu_kernels.cpp`), built on first use.
 
 A decode step of a model this small is dominated by per-call overhead: each oneDNN matmul costs
-15-25 us even for a few rows, and the engine makes two per layer for attention and four more for
-the adapter's [MASK]-row branch. Two fused kernels replace them:
+15-25 us even for a few rows, each small PyTorch op 1-3 us, and the engine made about 60 calls per
+layer besides its four projections. Fused kernels replace most of them:
 
 - `decode_attention`: softmax attention over the KV cache whose every query row is computed the same
   way whatever the other rows of the call (TiDAR's greedy output must equal AR's bit for bit);
-- `lora_add_`: the adapter's up-projection added in place on the [MASK] rows.
+- `lora_add_`: the adapter's up-projection added in place on the [MASK] rows;
+- `rms_norm`, `add_rms_norm` (the residual add and the next norm in one pass) and `rope_cache_`
+  (RoPE on q and k, and the K/V cache writes).
+
+Every kernel works row by row, so no row's result depends on the others in the call.
 
 The kernels are compiled with the machine's C++ compiler through `torch.utils.cpp_extension` (about
 half a minute, once; cached under torch's extension directory). Where that is impossible (no
@@ -80,13 +84,21 @@ def lora_add_(out: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, row_sta
     torch.ops.tidar_cpu.lora_add_(out, down, up_t, row_start)
 
 
-def supports_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype
-            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128 and q.stride(-1) == 1 and k.stride(-1) == 1)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row: weight * (x * rsqrt(mean(x^2) + eps)), rounded as the reference does."""
+    return torch.ops.tidar_cpu.rms_norm(x, weight, eps)
 
 
-def supports_lora(out: torch.Tensor) -> bool:
-    return out.device.type == "cpu" and out.dtype in (torch.float32, torch.bfloat16) and out.shape[-1] % 16 == 0
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta))."""
+    return torch.ops.tidar_cpu.add_rms_norm(x, delta, weight, eps)
+
+
+def rope_cache_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                offset: int, n_head: int) -> torch.Tensor:
+    """RoPE on the q|k|v projection output's q and k; k (transposed) and v written into the cache at
+    `offset`; returns q (B, H, T, D)."""
+    return torch.ops.tidar_cpu.rope_cache_(qkv, cos, sin, k_cache, v_cache, offset, n_head)
 
 
 if __name__ == "__main__":

@@ -318,6 +318,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
         fused = self.qkv is not None and not self.training
+        if fused and self.kernels and kv is not None:  # the engine on the compiled kernels
+            k_cache, v_cache = kv
+            q = kernels.rope_cache_(self.qkv.output(x, mask_rows), cos, sin, k_cache, v_cache, offset, H)
+            y = kernels.decode_attention(q, k_cache, v_cache, attn_mask, offset + T).view(B, T, H * D)
+            return self.o(y, mask_rows)[0]
         if fused:  # q and k are adjacent columns of one output: rotate them in one go
             out = self.qkv.output(x, mask_rows)
             qk = apply_rope(out[..., : (H + H_kv) * D].view(B, T, H + H_kv, D).transpose(1, 2), cos, sin)
@@ -337,10 +342,7 @@ class Attention(nn.Module):
         if kv is not None and fused:
             # the engine: AR and TiDAR steps must round alike; attn_mask is the forward's
             # `attention_bias` over the whole (contiguous) cache buffer
-            if self.kernels:
-                y = kernels.decode_attention(q, k_cache, v_cache, attn_mask, offset + T).view(B, T, H * D)
-            else:
-                y = attention(q, k_cache, v_cache, attn_mask).transpose(1, 2).reshape(B, T, H * D)
+            y = attention(q, k_cache, v_cache, attn_mask).transpose(1, 2).reshape(B, T, H * D)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)
             y = y.transpose(1, 2).reshape(B, T, H * D)
@@ -375,8 +377,14 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.kernels = False  # the engine's norms and residual add through `tidar.kernels`
 
     def forward(self, x, cos, sin, attn_mask, mask_rows, kv, offset):  # noqa: ANN001, ANN201
+        if self.kernels and kv is not None and not self.training:
+            n1, n2 = self.input_layernorm, self.post_attention_layernorm
+            a = self.self_attn(kernels.rms_norm(x, n1.weight, n1.eps), cos, sin, attn_mask, mask_rows, kv, offset)
+            x, h = kernels.add_rms_norm(x, a, n2.weight, n2.eps)
+            return x + self.mlp(h, mask_rows)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, mask_rows, kv, offset)
         return x + self.mlp(self.post_attention_layernorm(x), mask_rows)
 
@@ -446,7 +454,7 @@ class Transformer(nn.Module):
         on = (enable and self.fused and p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
               and head_dim in (16, 32, 64, 128) and kernels.available())
         for layer in self.layers:
-            layer.self_attn.kernels = on
+            layer.kernels = layer.self_attn.kernels = on
             for fused in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down):
                 fused.kernels = on and fused.n_out % 16 == 0
         self._kernels = on

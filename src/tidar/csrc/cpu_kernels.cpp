@@ -295,14 +295,155 @@ void lora_add_(at::Tensor out, const at::Tensor& down, const at::Tensor& up_t, i
   else TORCH_CHECK(false, "lora_add_: float32 or bfloat16");
 }
 
+// ---- the glue of a decoder layer: each op below replaces 5-12 small PyTorch ops (1-3 us each)
+
+template <typename T>
+inline T round_to(float x) { return T(x); }
+
+// one row: y = w * T(h * rsqrt(mean(h^2) + eps)), h = float(x), the reference formula's two roundings
+template <typename T>
+inline void rms_row(const T* x, const T* w, T* y, int64_t n, float eps) {
+  vf acc = splat(0.0f);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const vf h = load(x + i);
+    acc = acc + h * h;
+  }
+  float ss = hsum(acc);
+  for (; i < n; ++i) ss += float(x[i]) * float(x[i]);
+  const float r = 1.0f / std::sqrt(ss / float(n) + eps);
+  for (int64_t j = 0; j < n; ++j) y[j] = round_to<T>(float(w[j]) * float(round_to<T>(float(x[j]) * r)));
+}
+
+template <typename T>
+void rms_norm_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, double eps) {
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) rms_row(xp + r * n, wp, yp + r * n, n, float(eps));
+  });
+}
+
+void check_norm(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.dim() == 1 && x.size(-1) == w.size(0),
+              "rms_norm: contiguous x (..., n) and weight (n,)");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "rms_norm: float32 or bfloat16, one dtype");
+}
+
+// RMSNorm of each row of x (the engine's layer norms)
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_norm(x, w);
+  auto y = at::empty_like(x);
+  if (x.scalar_type() == at::kBFloat16) rms_norm_impl<c10::BFloat16>(x, w, y, eps);
+  else rms_norm_impl<float>(x, w, y, eps);
+  return y;
+}
+
+// (x + delta, RMSNorm(x + delta)): a residual add and the next norm in one pass
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& w,
+                                                double eps) {
+  check_norm(x, w);
+  // delta may be a column slice of a wider matmul output: unit stride in the last dim, any row strides
+  TORCH_CHECK(delta.sizes() == x.sizes() && delta.scalar_type() == x.scalar_type() && delta.stride(-1) == 1 &&
+                  x.dim() >= 2 && x.dim() <= 3,
+              "add_rms_norm: delta shaped like x ((T, n) or (B, T, n)), unit stride in the last dim");
+  auto s = at::empty_like(x);
+  auto y = at::empty_like(x);
+  const int64_t n = x.size(-1), rows = x.numel() / n, n_tok = x.size(-2);
+  const int64_t d0 = x.dim() == 3 ? delta.stride(0) : 0, d1 = delta.stride(-2);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    const T* dp = delta.data_ptr<T>();
+    const T* wp = w.data_ptr<T>();
+    T* sp = s.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* drow = dp + (r / n_tok) * d0 + (r % n_tok) * d1;
+        for (int64_t j = 0; j < n; ++j) sp[r * n + j] = round_to<T>(float(xp[r * n + j]) + float(drow[j]));
+        rms_row(sp + r * n, wp, yp + r * n, n, float(eps));
+      }
+    });
+  };
+  if (x.scalar_type() == at::kBFloat16) run(c10::BFloat16{});
+  else run(float{});
+  return {s, y};
+}
+
+// RoPE on the q and k columns of a fused q|k|v projection output, k (transposed) and v written into
+// the KV cache at slots offset.., q returned. qkv (B, T, (H + 2 H_kv) D), unit stride in the last
+// dim; cos, sin (B, 1, T, D) contiguous, sin carrying rotate_half's sign; k_cache (B, H_kv, D, W);
+// v_cache (B, H_kv, W, D). Returns q as (B, H, T, D) over (B, T, H, D) storage.
+at::Tensor rope_cache_(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
+                       at::Tensor v_cache, int64_t offset, int64_t n_head) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), Hkv = k_cache.size(1), D = k_cache.size(2), W = k_cache.size(3);
+  TORCH_CHECK(qkv.dim() == 3 && qkv.stride(2) == 1 && qkv.size(2) == (n_head + 2 * Hkv) * D && D % 2 == 0,
+              "rope_cache_: qkv (B, T, (H + 2 H_kv) D)");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * T * D && sin.numel() == B * T * D,
+              "rope_cache_: cos/sin (B, 1, T, D)");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.size(2) == W && v_cache.size(3) == D &&
+                  k_cache.size(0) == B && offset >= 0 && offset + T <= W,
+              "rope_cache_: caches (B, H_kv, D, W) and (B, H_kv, W, D) with room at offset");
+  const auto dt = qkv.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && cos.scalar_type() == dt && sin.scalar_type() == dt &&
+                  k_cache.scalar_type() == dt && v_cache.scalar_type() == dt,
+              "rope_cache_: float32 or bfloat16, one dtype");
+  auto q = at::empty({B, T, n_head, D}, qkv.options());
+  auto run = [&](auto tag) {
+    using E = decltype(tag);
+    const E* xp = qkv.data_ptr<E>();
+    const E* cp = cos.data_ptr<E>();
+    const E* sp = sin.data_ptr<E>();
+    E* qp = q.data_ptr<E>();
+    E* kp = k_cache.data_ptr<E>();
+    E* vp = v_cache.data_ptr<E>();
+    const int64_t xs0 = qkv.stride(0), xs1 = qkv.stride(1), half = D / 2;
+    at::parallel_for(0, B * T, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t bt = begin; bt < end; ++bt) {
+        const int64_t b = bt / T, t = bt % T;
+        const E* row = xp + b * xs0 + t * xs1;
+        const E* c = cp + bt * D;
+        const E* s = sp + bt * D;
+        for (int64_t h = 0; h < n_head + Hkv; ++h) {
+          const E* x = row + h * D;
+          for (int64_t d = 0; d < D; ++d) {
+            const float rot = float(x[d < half ? d + half : d - half]);
+            const E y = round_to<E>(float(x[d]) * float(c[d]) + rot * float(s[d]));
+            if (h < n_head) qp[(bt * n_head + h) * D + d] = y;
+            else kp[((b * Hkv + h - n_head) * D + d) * W + offset + t] = y;
+          }
+        }
+        for (int64_t h = 0; h < Hkv; ++h) {
+          const E* x = row + (n_head + Hkv + h) * D;
+          E* dst = vp + ((b * Hkv + h) * W + offset + t) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = x[d];
+        }
+      }
+    });
+  };
+  if (dt == at::kBFloat16) run(c10::BFloat16{});
+  else run(float{});
+  return q.transpose(1, 2);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tidar_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, int n_keys) -> Tensor");
   m.def("lora_add_(Tensor(a!) out, Tensor down, Tensor up_t, int row_start) -> ()");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor delta, Tensor w, float eps) -> (Tensor, Tensor)");
+  m.def("rope_cache_(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int offset, int n_head) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tidar_cpu, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("lora_add_", &lora_add_);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rope_cache_", &rope_cache_);
 }
