@@ -140,3 +140,24 @@ def test_rope_cache_rotates_q_and_k_and_writes_the_cache(dtype):
     torch.testing.assert_close(k_cache[..., offset:offset + t], apply_rope(heads[:, h:h + h_kv], cos, sin).transpose(-1, -2), **tol)
     assert torch.equal(v_cache[:, :, offset:offset + t], heads[:, h + h_kv:])
     assert not k_cache[..., :offset].any() and not v_cache[:, :, offset + t:].any()  # nothing else written
+
+
+@needs_kernels
+@pytest.mark.parametrize(("sizes", "garbage"), [([64, 64, 32], True), ([48, 32, 16], False)])
+def test_lora_add_with_part_bounds_uses_the_block_diagonal(sizes, garbage):
+    """Fused q|k|v-like parts with ranks 4, 2, 2. Where parts align with the kernel's 64-column blocks
+    the ranks of other parts are not even read (garbage there changes nothing); where a block
+    straddles two parts (48, 32, 16) the result is still that of the block-diagonal matrix."""
+    g = torch.Generator().manual_seed(5)
+    ranks = [4, 2, 2]
+    n, r = sum(sizes), sum(ranks)
+    up_t = torch.block_diag(*[torch.randn(rk, sz, generator=g) for sz, rk in zip(sizes, ranks, strict=True)])
+    given = up_t + torch.randn(r, n, generator=g) * (up_t == 0) if garbage else up_t
+    full = torch.randn(1, 6, n + r, generator=g)
+    expect = full[..., :n].clone()
+    expect[:, 2:] += full[:, 2:, n:] @ up_t
+    col_bounds = [0, sizes[0], sizes[0] + sizes[1], n]
+    kernels.lora_add_(full[..., :n], full[..., n:], given, 2, col_bounds, [0, 4, 6, 8])
+    torch.testing.assert_close(full[..., :n], expect, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="col_bounds"):
+        kernels.lora_add_(full[..., :n], full[..., n:], given, 2, col_bounds[:2], [0, 4])

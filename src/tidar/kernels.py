@@ -79,9 +79,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return torch.ops.tidar_cpu.decode_attention(q, k, v, bias, n_keys)
 
 
-def lora_add_(out: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, row_start: int) -> None:
-    """out[:, row_start:] += down[:, row_start:] @ up_t, in place (float32 sums)."""
-    torch.ops.tidar_cpu.lora_add_(out, down, up_t, row_start)
+def lora_add_(out: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, row_start: int,
+              col_bounds: list[int] | None = None, rank_bounds: list[int] | None = None) -> None:
+    """out[:, row_start:] += down[:, row_start:] @ up_t, in place (float32 sums). With the fused parts'
+    cumulative output sizes and ranks (`col_bounds`, `rank_bounds`), up_t's off-diagonal zeros are skipped."""
+    torch.ops.tidar_cpu.lora_add_(out, down, up_t, row_start, col_bounds or [], rank_bounds or [])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -146,6 +146,9 @@ class FusedLinear(nn.Module):
         lora_b = torch.block_diag(*[p.lora_b.data * p.lora_scale for p in parts]) if has_lora else None
         self.register_buffer("lora_b", lora_b, persistent=False)  # (sum out, sum r), scaled
         lora_bt = lora_b.t().contiguous() if has_lora else None
+        # the parts' cumulative output columns and ranks: the kernel skips lora_bt's off-diagonal zeros
+        self.col_bounds = [sum(self.sizes[:i]) for i in range(len(parts) + 1)]
+        self.rank_bounds = [sum(p.lora_a.shape[0] for p in parts[:i]) for i in range(len(parts) + 1)] if has_lora else []
         self.register_buffer("lora_bt", lora_bt, persistent=False)  # (sum r, sum out): `kernels.lora_add_`'s layout
         self.kernels = False  # add the [MASK]-row branch with the compiled kernel (Transformer.use_kernels)
         # oneDNN-packed copies (see `pack_weight`): plain attributes, never saved or moved
@@ -175,7 +178,7 @@ class FusedLinear(nn.Module):
             full = linear(x, self.weight, self.packed_full, self.bias)
             out, down = full[..., : self.n_out], full[..., self.n_out:]
             if self.kernels and isinstance(mask_rows, int) and out.dim() == 3:
-                kernels.lora_add_(out, down, self.lora_bt, mask_rows)  # one call instead of four ops
+                kernels.lora_add_(out, down, self.lora_bt, mask_rows, self.col_bounds, self.rank_bounds)
                 return out
             sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
             # a column slice of `full` is strided; bf16 matmuls on a strided input take a slow path

@@ -239,15 +239,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 // out rows [row_start, T) += down rows @ up_t over output columns [n0, n0 + NV * 16)
 template <typename T, int NV>
-inline void lora_block(T* op, const T* dp, const T* up, int64_t B, int64_t rows, int64_t row_start, int64_t R,
-                       int64_t N, int64_t n0, int64_t os0, int64_t os1, int64_t ds0, int64_t ds1) {
+inline void lora_block(T* op, const T* dp, const T* up, int64_t B, int64_t rows, int64_t row_start, int64_t r_lo,
+                       int64_t r_hi, int64_t N, int64_t n0, int64_t os0, int64_t os1, int64_t ds0, int64_t ds1) {
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
       const int64_t nr = std::min<int64_t>(ROWS, rows - t0);
       vf acc[ROWS][NV];
       for (int64_t i = 0; i < ROWS; ++i)
         for (int j = 0; j < NV; ++j) acc[i][j] = splat(0.0f);
-      for (int64_t r = 0; r < R; ++r) {
+      for (int64_t r = r_lo; r < r_hi; ++r) {
         vf w[NV];
         for (int j = 0; j < NV; ++j) w[j] = load(up + r * N + n0 + j * L);
         for (int64_t i = 0; i < nr; ++i) {
@@ -264,17 +264,32 @@ inline void lora_block(T* op, const T* dp, const T* up, int64_t B, int64_t rows,
 }
 
 template <typename T>
-void lora_add_impl(at::Tensor& out, const at::Tensor& down, const at::Tensor& up_t, int64_t row_start) {
+void lora_add_impl(at::Tensor& out, const at::Tensor& down, const at::Tensor& up_t, int64_t row_start,
+                   const std::vector<int64_t>& col_bounds, const std::vector<int64_t>& rank_bounds) {
   const int64_t B = out.size(0), N = out.size(2), R = down.size(2), rows = out.size(1) - row_start;
   T* op = out.data_ptr<T>();
   const T* dp = down.data_ptr<T>();
   const T* up = up_t.data_ptr<T>();
   const int64_t os0 = out.stride(0), os1 = out.stride(1), ds0 = down.stride(0), ds1 = down.stride(1);
   const int64_t blocks = N / (4 * L), tail = N / L - 4 * blocks;  // 64-column blocks, then 16-column ones
+  // the ranks feeding columns [c0, c1): up_t is block-diagonal over the fused parts, so only the
+  // ranks of the parts these columns belong to can be nonzero
+  auto ranks = [&](int64_t c0, int64_t c1) -> std::pair<int64_t, int64_t> {
+    if (col_bounds.empty()) return {0, R};
+    int64_t lo = 0, hi = R;
+    for (size_t p = 0; p + 1 < col_bounds.size(); ++p) {
+      if (col_bounds[p] <= c0 && c0 < col_bounds[p + 1]) lo = rank_bounds[p];
+      if (col_bounds[p] < c1 && c1 <= col_bounds[p + 1]) hi = rank_bounds[p + 1];
+    }
+    return {lo, hi};
+  };
   at::parallel_for(0, blocks + tail, 4, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      if (blk < blocks) lora_block<T, 4>(op, dp, up, B, rows, row_start, R, N, blk * 4 * L, os0, os1, ds0, ds1);
-      else lora_block<T, 1>(op, dp, up, B, rows, row_start, R, N, (4 * blocks + blk - blocks) * L, os0, os1, ds0, ds1);
+      const bool wide = blk < blocks;
+      const int64_t n0 = wide ? blk * 4 * L : (4 * blocks + blk - blocks) * L;
+      const auto [lo, hi] = ranks(n0, n0 + (wide ? 4 * L : L));
+      if (wide) lora_block<T, 4>(op, dp, up, B, rows, row_start, lo, hi, N, n0, os0, os1, ds0, ds1);
+      else lora_block<T, 1>(op, dp, up, B, rows, row_start, lo, hi, N, n0, os0, os1, ds0, ds1);
     }
   });
 }
@@ -282,16 +297,23 @@ void lora_add_impl(at::Tensor& out, const at::Tensor& down, const at::Tensor& up
 // out[:, row_start:] += down[:, row_start:] @ up_t, in place, float32 sums, one rounding.
 // out (B, T, N), down (B, T, R): unit stride in the last dim (column slices of one matmul output);
 // up_t (R, N) contiguous, N a multiple of 16. The adapter's mask-row branch: rows < row_start are
-// not touched.
-void lora_add_(at::Tensor out, const at::Tensor& down, const at::Tensor& up_t, int64_t row_start) {
+// not touched. col_bounds / rank_bounds (optional, same length): cumulative output sizes and ranks
+// of the fused parts, whose up-projections sit on up_t's block diagonal (zeros elsewhere are skipped).
+void lora_add_(at::Tensor out, const at::Tensor& down, const at::Tensor& up_t, int64_t row_start,
+               at::IntArrayRef col_bounds, at::IntArrayRef rank_bounds) {
   TORCH_CHECK(out.dim() == 3 && down.dim() == 3 && up_t.dim() == 2, "lora_add_: out (B,T,N), down (B,T,R), up_t (R,N)");
   TORCH_CHECK(out.scalar_type() == down.scalar_type() && out.scalar_type() == up_t.scalar_type(), "lora_add_: one dtype");
   TORCH_CHECK(out.stride(2) == 1 && down.stride(2) == 1 && up_t.is_contiguous(), "lora_add_: unit stride in the last dim");
   TORCH_CHECK(up_t.size(0) == down.size(2) && up_t.size(1) == out.size(2) && out.size(2) % L == 0 &&
                   down.size(0) == out.size(0) && down.size(1) == out.size(1) && 0 <= row_start && row_start <= out.size(1),
               "lora_add_: shapes");
-  if (out.scalar_type() == at::kBFloat16) lora_add_impl<c10::BFloat16>(out, down, up_t, row_start);
-  else if (out.scalar_type() == at::kFloat) lora_add_impl<float>(out, down, up_t, row_start);
+  TORCH_CHECK(col_bounds.size() == rank_bounds.size() &&
+                  (col_bounds.empty() || (col_bounds.front() == 0 && col_bounds.back() == out.size(2) &&
+                                          rank_bounds.front() == 0 && rank_bounds.back() == down.size(2))),
+              "lora_add_: col_bounds / rank_bounds must run from 0 to N and from 0 to R");
+  const std::vector<int64_t> cb(col_bounds.begin(), col_bounds.end()), rb(rank_bounds.begin(), rank_bounds.end());
+  if (out.scalar_type() == at::kBFloat16) lora_add_impl<c10::BFloat16>(out, down, up_t, row_start, cb, rb);
+  else if (out.scalar_type() == at::kFloat) lora_add_impl<float>(out, down, up_t, row_start, cb, rb);
   else TORCH_CHECK(false, "lora_add_: float32 or bfloat16");
 }
 
@@ -434,7 +456,7 @@ at::Tensor rope_cache_(const at::Tensor& qkv, const at::Tensor& cos, const at::T
 
 TORCH_LIBRARY(tidar_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, int n_keys) -> Tensor");
-  m.def("lora_add_(Tensor(a!) out, Tensor down, Tensor up_t, int row_start) -> ()");
+  m.def("lora_add_(Tensor(a!) out, Tensor down, Tensor up_t, int row_start, int[] col_bounds, int[] rank_bounds) -> ()");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor w, float eps) -> (Tensor, Tensor)");
   m.def("rope_cache_(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int offset, int n_head) -> Tensor");
