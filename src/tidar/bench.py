@@ -794,6 +794,7 @@ def _bench(args: argparse.Namespace, methods: list[str], opts: BenchOptions, pro
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "compiled": rt.compiled,
+        "kernels": rt.model.kernels_on,
         "prompts": len(prompts),
         "source": source,
         "max_new_tokens": args.max_new_tokens,
@@ -806,6 +807,7 @@ def _bench(args: argparse.Namespace, methods: list[str], opts: BenchOptions, pro
         "methods": result.methods,
     }
     compiled = " compiled" if rt.compiled else ""
+    compiled += " | tidar.kernels" if rt.model.kernels_on else " | PyTorch engine path"
     print(f"{rt.name} | {args.dtype}{compiled} | {report['threads']} threads | {len(prompts)} prompts from {source} | "
           f"max {args.max_new_tokens} new tokens")
     print(format_table(result.methods))

@@ -183,7 +183,8 @@ def main(args: argparse.Namespace) -> int:
     for t in tokens:
         print(f"{t:>10} {prof[t] * 1e3:>9.2f} {prof[t] / plain[tokens[0]]:>7.2f} {prof[t] * 1e3 / t:>9.2f} "
               f"{plain[t] * 1e3:>11.2f}", flush=True)
-    out = {"dtype": args.dtype, "compiled": rt.compiled, "packed": rt.model.packed, "threads": torch.get_num_threads(),
+    out = {"dtype": args.dtype, "compiled": rt.compiled, "packed": rt.model.packed, "kernels": rt.model.kernels_on,
+           "threads": torch.get_num_threads(),
            "prefix": args.prefix, "latency_s": {str(k): v for k, v in prof.items()},
            "latency_plain_s": {str(k): v for k, v in plain.items()}}
     if args.choose:
