@@ -429,14 +429,23 @@ def test_engine_with_compiled_kernels_is_lossless_and_agrees_with_pytorch_path(d
 
     def logits(m, dt: torch.dtype) -> torch.Tensor:  # noqa: ANN001
         cache = KVCache(m.config, 1, n, dt)
-        with torch.no_grad():
-            return m(ids, torch.arange(n)[None], causal_mask(n), cache=cache, offset=0).float()
+        return m(ids, torch.arange(n)[None], causal_mask(n), cache=cache, offset=0).detach().float()
 
-    with_kernels = logits(model, dtype)
+    with torch.no_grad():
+        with_kernels = logits(model, dtype)
+    # the kernels have no backward: a forward with grad takes the PyTorch path (with plain weights:
+    # oneDNN's packed-weight op has no backward either)
+    model.pack_weights(False)
+    with torch.enable_grad():
+        with_grad = logits(model, dtype)
+    model.pack_weights(True)
     model.use_kernels(False)
-    without = logits(model, dtype)
+    with torch.no_grad():
+        without = logits(model, dtype)
+    assert torch.equal(with_grad, without)
     if dtype == torch.float32:
         torch.testing.assert_close(with_kernels, without, atol=1e-4, rtol=1e-4)
     else:  # this random model is sharp enough that bf16 moves its logits by units either way
-        exact = logits(build(torch.float32), torch.float32)
+        with torch.no_grad():
+            exact = logits(build(torch.float32), torch.float32)
         assert (with_kernels - exact).abs().max() <= 1.1 * (without - exact).abs().max()

@@ -177,7 +177,7 @@ class FusedLinear(nn.Module):
         else:
             full = linear(x, self.weight, self.packed_full, self.bias)
             out, down = full[..., : self.n_out], full[..., self.n_out:]
-            if self.kernels and isinstance(mask_rows, int) and out.dim() == 3:
+            if self.kernels and isinstance(mask_rows, int) and out.dim() == 3 and not torch.is_grad_enabled():
                 kernels.lora_add_(out, down, self.lora_bt, mask_rows, self.col_bounds, self.rank_bounds)
                 return out
             sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
@@ -321,7 +321,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
         fused = self.qkv is not None and not self.training
-        if fused and self.kernels and kv is not None:  # the engine on the compiled kernels
+        if fused and self.kernels and kv is not None and not torch.is_grad_enabled():  # the engine on the kernels
             k_cache, v_cache = kv
             q = kernels.rope_cache_(self.qkv.output(x, mask_rows), cos, sin, k_cache, v_cache, offset, H)
             y = kernels.decode_attention(q, k_cache, v_cache, attn_mask, offset + T).view(B, T, H * D)
@@ -383,7 +383,7 @@ class Block(nn.Module):
         self.kernels = False  # the engine's norms and residual add through `tidar.kernels`
 
     def forward(self, x, cos, sin, attn_mask, mask_rows, kv, offset):  # noqa: ANN001, ANN201
-        if self.kernels and kv is not None and not self.training:
+        if self.kernels and kv is not None and not self.training and not torch.is_grad_enabled():
             n1, n2 = self.input_layernorm, self.post_attention_layernorm
             a = self.self_attn(kernels.rms_norm(x, n1.weight, n1.eps), cos, sin, attn_mask, mask_rows, kv, offset)
             x, h = kernels.add_rms_norm(x, a, n2.weight, n2.eps)
@@ -413,7 +413,9 @@ class Transformer(nn.Module):
         self._compiled_block: object | None = None
         self._packed_head: PackedWeight | None = None
         self._was_packed = False  # packing state to restore when compiled blocks are dropped
-        self._kernels = False  # the engine runs its attention and adapter branch through `tidar.kernels`
+        # the engine's layers (norms, RoPE + cache writes, attention, adapter branch) run on `tidar.kernels`;
+        # they have no backward, so a forward with grad enabled takes the PyTorch path
+        self._kernels = False
         self._had_kernels = False
         if config.adapter is not None:
             self.add_adapter(config.adapter)
@@ -435,8 +437,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def fuse_for_inference(self, pack: bool = True, use_kernels: bool = True) -> Transformer:
         """Fuse q/k/v and gate/up projections and their adapters, (`pack`, CPU) pre-pack every
-        inference weight for oneDNN, and (`use_kernels`, CPU) route the engine's attention and
-        adapter branch through the compiled kernels where they build. Call after the last `.to()`
+        inference weight for oneDNN, and (`use_kernels`, CPU) run the engine's layers on the
+        compiled kernels (`tidar.kernels`) where they build. Call after the last `.to()`
         and after loading weights: the fused adapter and the packed weights are copies; training
         ignores the fused path."""
         for layer in self.layers:
@@ -561,7 +563,7 @@ class Transformer(nn.Module):
         kvs = cache.layers(offset, x.shape[1]) if cache is not None else [None] * len(self.layers)
         if cache is not None and self.fused and not self.training:  # the engine's attention path
             c = self.config  # the kernel maps query heads to their mask rows itself
-            group = 1 if self._kernels else c.num_attention_heads // c.num_key_value_heads
+            group = 1 if self._kernels and not torch.is_grad_enabled() else c.num_attention_heads // c.num_key_value_heads
             attn_mask = attention_bias(attn_mask, cache.capacity, group)
         # compiled only for cached inference: the engine's shapes (uncached passes are training/eval)
         use_compiled = self._compiled_block is not None and cache is not None and not self.training
