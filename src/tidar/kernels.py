@@ -20,6 +20,7 @@ PyTorch path, which is exact too. `python -m tidar.kernels` builds them and prin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -29,7 +30,6 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-_state: dict[str, object] = {}
 
 
 def _build() -> str | None:
@@ -58,19 +58,18 @@ def _build() -> str | None:
     return None
 
 
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why the compiled kernels are not loaded, or None when they are (builds them on the first call)."""
+    reason = _build()
+    if reason is not None and os.environ.get("TIDAR_KERNELS", "1") != "0":
+        warnings.warn(f"tidar: compiled CPU kernels unavailable ({reason}); using the PyTorch path", stacklevel=2)
+    return reason
+
+
 def available() -> bool:
     """Whether the compiled kernels are loaded (builds them on the first call)."""
-    if "error" not in _state:
-        _state["error"] = _build()
-        if _state["error"] is not None and os.environ.get("TIDAR_KERNELS", "1") != "0":
-            warnings.warn(f"tidar: compiled CPU kernels unavailable ({_state['error']}); using the PyTorch path",
-                          stacklevel=2)
-    return _state["error"] is None
-
-
-def unavailable_reason() -> str | None:
-    available()
-    return _state["error"]  # type: ignore[return-value]
+    return unavailable_reason() is None
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,

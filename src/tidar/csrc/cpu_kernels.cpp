@@ -321,9 +321,6 @@ void lora_add_(at::Tensor out, const at::Tensor& down, const at::Tensor& up_t, i
 
 // ---- the glue of a decoder layer: each op below replaces 5-12 small PyTorch ops (1-3 us each)
 
-template <typename T>
-inline T round_to(float x) { return T(x); }
-
 // one row: y = w * T(h * rsqrt(mean(h^2) + eps)), h = float(x), the reference formula's two roundings
 template <typename T>
 inline void rms_row(const T* x, const T* w, T* y, int64_t n, float eps) {
@@ -336,7 +333,7 @@ inline void rms_row(const T* x, const T* w, T* y, int64_t n, float eps) {
   float ss = hsum(acc);
   for (; i < n; ++i) ss += float(x[i]) * float(x[i]);
   const float r = 1.0f / std::sqrt(ss / float(n) + eps);
-  for (int64_t j = 0; j < n; ++j) y[j] = round_to<T>(float(w[j]) * float(round_to<T>(float(x[j]) * r)));
+  for (int64_t j = 0; j < n; ++j) y[j] = T(float(w[j]) * float(T(float(x[j]) * r)));
 }
 
 template <typename T>
@@ -388,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
     at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T* drow = dp + (r / n_tok) * d0 + (r % n_tok) * d1;
-        for (int64_t j = 0; j < n; ++j) sp[r * n + j] = round_to<T>(float(xp[r * n + j]) + float(drow[j]));
+        for (int64_t j = 0; j < n; ++j) sp[r * n + j] = T(float(xp[r * n + j]) + float(drow[j]));
         rms_row(sp + r * n, wp, yp + r * n, n, float(eps));
       }
     });
@@ -436,7 +433,7 @@ at::Tensor rope_cache_(const at::Tensor& qkv, const at::Tensor& cos, const at::T
           const E* x = row + h * D;
           for (int64_t d = 0; d < D; ++d) {
             const float rot = float(x[d < half ? d + half : d - half]);
-            const E y = round_to<E>(float(x[d]) * float(c[d]) + rot * float(s[d]));
+            const E y = E(float(x[d]) * float(c[d]) + rot * float(s[d]));
             if (h < n_head) qp[(bt * n_head + h) * D + d] = y;
             else kp[((b * Hkv + h - n_head) * D + d) * W + offset + t] = y;
           }
