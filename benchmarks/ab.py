@@ -1,7 +1,8 @@
 """Same-process A/B of engine variants on HumanEval (or held-out prose) prompts: each variant is a set of
 GenerationConfig overrides on top of the shipped operating point (plus "pack": false for plain
 F.linear weights, "kernels": false for the engine's PyTorch path instead of `tidar.kernels`, and
-"adapter_off": ["o", "down"] to run those fused projections without their mask-row adapter), run
+"adapter_off": ["o", "down"] to run those fused projections without their mask-row adapter, and "model": a
+model directory to run instead of the shipped one, e.g. a candidate drafter from `tidar export`), run
 interleaved per prompt with the order rotated, so machine noise hits all variants alike. Reports
 tokens/s, the ratio to the first variant, tokens and rows per forward, and whether outputs agree.
 
@@ -11,6 +12,8 @@ tokens/s, the ratio to the first variant, tokens and rows per forward, and wheth
         '{"ar": {"mode": "ar", "pack": false}, "ar+pack": {"mode": "ar"}, "tidar": {"pack": false}, "tidar+pack": {}}'
     .venv/bin/python benchmarks/ab.py --start 80 --limit 16 \
         --variants '{"ar": {"mode": "ar"}, "all": {}, "no_o_down": {"adapter_off": ["o", "down"]}}'
+    .venv/bin/python benchmarks/ab.py --limit 164 \
+        --variants '{"ar": {"mode": "ar"}, "shipped": {}, "new": {"model": "out/candidate"}}'
 """
 
 from __future__ import annotations
@@ -42,22 +45,25 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
     variants = json.loads(args.variants)
-    rt = Runtime.load(None, dtype=args.dtype)
+    runtimes = {m: Runtime.load(m, dtype=args.dtype) for m in dict.fromkeys(v.get("model") for v in variants.values())}
+    rt = runtimes[None] if None in runtimes else next(iter(runtimes.values()))
     chosen = load_prompts(args.prompts, args.start + args.limit, args.data)[args.start:]
     prompts = [rt.encode(x.text, chat=x.chat) for x in chosen]
     names = list(variants)
-    fused = fused_projections(rt.model)
-    adapters = {k: [f.lora_b for f in fs] for k, fs in fused.items()}
+    fused = {m: fused_projections(r.model) for m, r in runtimes.items()}
+    adapters = {m: {k: [f.lora_b for f in fs] for k, fs in fm.items()} for m, fm in fused.items()}
     totals = {k: {"s": 0.0, "tokens": 0, "forwards": 0, "rows": 0} for k in names}
     outputs: dict[str, list[list[int]]] = {k: [] for k in names}
     for i, ids in enumerate(prompts):
         for name in names[i % len(names):] + names[: i % len(names)]:
             overrides = dict(variants[name])
+            m = overrides.pop("model", None)
+            rt = runtimes[m]
             rt.model.pack_weights(overrides.pop("pack", True))
             rt.model.use_kernels(overrides.pop("kernels", True))
             off = set(overrides.pop("adapter_off", ()))
-            for k, fs in fused.items():  # a FusedLinear without lora_b takes its base-only path
-                for f, b in zip(fs, adapters[k], strict=True):
+            for k, fs in fused[m].items():  # a FusedLinear without lora_b takes its base-only path
+                for f, b in zip(fs, adapters[m][k], strict=True):
                     f.lora_b = None if k in off else b
             dec = Decoder(rt.model, rt.generation_config(None, max_new_tokens=args.max_new_tokens, **overrides))
             t = time.perf_counter()

@@ -30,6 +30,9 @@ class ByteTokenizer:
         ids = [self.encode(t) for t in texts]
         return {"input_ids": ids[0] if isinstance(text, str) else ids}
 
+    def decode(self, ids) -> str:  # noqa: ANN001
+        return bytes(i - 1 for i in ids if i > 0).decode("utf-8", errors="replace")
+
 
 class EncodeOnlyTokenizer:
     """No __call__, a huge vocab: exercises the .encode fallback and the uint32 path."""
@@ -296,3 +299,49 @@ def test_held_out_documents_by_names_and_by_split(tmp_path):
     names = [name for name, _ in by_split]
     assert {n for n, _ in held_out_documents([str(tmp_path)], names=names)} == set(names)
     assert held_out_documents(["/no/such/source"]) == []
+
+
+def _generated(src: Path, out: Path, samples: int, seed: int = 0):
+    from conftest import tiny_model
+
+    model = tiny_model(seed=1, vocab_size=257)
+    return model, data.generate_shards(model, ByteTokenizer(), src, out, samples=samples, prompt_tokens=12,
+                                       new_tokens=5, batch_size=3, val_every=3, seed=seed, progress=False)
+
+
+def test_generate_shards_are_greedy_continuations_and_resume(corpus: Path, tmp_path: Path) -> None:
+    from tidar.decoding import GenerationConfig, generate
+
+    build_shards([str(corpus)], ByteTokenizer(), tmp_path / "src", val_fraction=0.1, seed=0, progress=False)
+    train = np.asarray(TokenShards(tmp_path / "src").split("train"), dtype=np.int64)
+    model, idx = _generated(tmp_path / "src", tmp_path / "gen", samples=4)
+    assert idx is not None and idx["generated"]["samples"] == 4
+    # a resumed run with a torn last line equals a fresh run of the full size
+    with (tmp_path / "gen" / data.GENERATED_LOG).open("a") as fh:
+        fh.write('{"i": 4, "seed": 0, "pro')
+    _, idx7 = _generated(tmp_path / "src", tmp_path / "gen", samples=7)
+    _, fresh = _generated(tmp_path / "src", tmp_path / "fresh", samples=7)
+    for split in ("train", "val"):
+        assert (tmp_path / "gen" / f"{split}.bin").read_bytes() == (tmp_path / "fresh" / f"{split}.bin").read_bytes()
+    assert idx7["val"]["files"] == ["generated:2", "generated:5"] and idx7["train"]["tokens"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "gen" / data.GENERATED_LOG).read_text().splitlines()]
+    assert [r["i"] for r in rows] == list(range(7))
+    gen = GenerationConfig(mode="ar", max_new_tokens=5, eos_token_id=[0])
+    text = train.tobytes()
+    for r in rows:
+        assert 0 < len(r["prompt"]) <= 12 and 0 not in r["prompt"]
+        assert np.asarray(r["prompt"], dtype=np.int64).tobytes() in text  # a window of the train split
+        want = generate(model, [r["prompt"]], gen).sequences[0]
+        assert r["completion"] == [t for t in want if t != 0]
+    shards = TokenShards(tmp_path / "gen")
+    docs = np.split(np.asarray(shards.split("val")), np.flatnonzero(np.asarray(shards.split("val")) == 0) + 1)
+    assert docs[0][:-1].tolist() == rows[2]["prompt"] + rows[2]["completion"]
+
+
+def test_generate_shards_refuses_other_settings(corpus: Path, tmp_path: Path) -> None:
+    build_shards([str(corpus)], ByteTokenizer(), tmp_path / "src", val_fraction=0.1, seed=0, progress=False)
+    _generated(tmp_path / "src", tmp_path / "gen", samples=2)
+    with pytest.raises(DataError, match="other settings"):
+        _generated(tmp_path / "src", tmp_path / "gen", samples=3, seed=1)
+    with pytest.raises(DataError, match="samples >= 1"):
+        _generated(tmp_path / "src", tmp_path / "gen2", samples=0)

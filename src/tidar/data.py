@@ -38,6 +38,7 @@ __all__ = [
     "TokenShards",
     "batch_at",
     "build_shards",
+    "generate_shards",
     "main",
     "resolve_source",
     "val_batches",
@@ -475,6 +476,153 @@ def build_shards(
     return index
 
 
+# -- self-generated data ---------------------------------------------------------------------------
+#
+# A drafter is judged against the AR model's greedy continuations, and those read differently from
+# corpus text (more regular, often repeating the context). So besides corpus shards, the trainer can
+# read shards of the model's own greedy continuations of corpus prompts: the drafter then learns on
+# the distribution it is tested on. The token ids are kept as generated (decoding and re-tokenizing
+# the text could split it differently from how the model produced it).
+
+GENERATED_LOG = "generated.jsonl"
+
+
+def _newline_ends(tokenizer, vocab_size: int) -> np.ndarray:
+    """Boolean mask over the vocabulary: tokens whose text ends a line."""
+    ends = np.zeros(vocab_size, dtype=bool)
+    for i in range(vocab_size):
+        ends[i] = tokenizer.decode([i]).endswith("\n")
+    return ends
+
+
+def _generated_prompt(tokens: np.ndarray, rng: np.random.Generator, length: int, line_end: np.ndarray,
+                      eos_id: int) -> list[int]:
+    """A corpus window of up to `length` tokens that ends a line when one ends in its last quarter,
+    and does not reach back across a document boundary."""
+    start = int(rng.integers(0, len(tokens) - length))
+    window = np.asarray(tokens[start : start + length], dtype=np.int64)
+    for cut in range(len(window), (3 * len(window)) // 4, -1):
+        if line_end[window[cut - 1]]:
+            window = window[:cut]
+            break
+    eos = np.flatnonzero(window == eos_id)
+    if len(eos):
+        window = window[eos[-1] + 1 :]
+    return [int(t) for t in window]
+
+
+def _read_generated(path: Path) -> list[dict[str, Any]]:
+    """Complete lines of a generation log; a torn last line (the writer was killed) is dropped."""
+    rows = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def generate_shards(
+    model,
+    tokenizer,
+    src_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    samples: int,
+    prompt_tokens: int = 64,
+    new_tokens: int = 192,
+    batch_size: int = 32,
+    val_every: int = 50,
+    seed: int = 0,
+    time_limit_min: float | None = None,
+    progress: bool = True,
+    model_name: str = "",
+) -> dict[str, Any] | None:
+    """Shards of the model's own greedy continuations of prompts drawn from `src_dir`'s train split.
+
+    Each sample is a corpus prompt of up to `prompt_tokens` tokens plus `new_tokens` greedy AR tokens
+    (fewer if the model ends with EOS); every `val_every`-th sample goes to val. Samples are appended
+    to `out_dir/generated.jsonl` as they are made, and prompts are a pure function of (seed, sample
+    index), so an interrupted run resumes where it stopped. Returns the index once `samples` are done,
+    None when the time limit stopped it first (re-run to continue).
+    """
+    import time
+
+    from tidar.decoding import GenerationConfig, generate
+
+    if samples < 1 or prompt_tokens < 8 or new_tokens < 1 or batch_size < 1 or val_every < 2:
+        raise DataError("need samples >= 1, prompt_tokens >= 8, new_tokens >= 1, batch_size >= 1, val_every >= 2")
+    src = TokenShards(src_dir)
+    tokens = src.split("train")
+    if len(tokens) < 2 * prompt_tokens:
+        raise DataError(f"{src_dir} has too few train tokens ({len(tokens)}) to draw prompts from")
+    eos_id = int(src.index["eos_id"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / GENERATED_LOG
+    rows = _read_generated(log)
+    if rows and (rows[0].get("seed") != seed or rows[0].get("src") != str(src.path)):
+        raise DataError(f"{log} was made with other settings (seed {rows[0].get('seed')}, src {rows[0].get('src')}); "
+                        "use another --out or delete it")
+    with log.open("w", encoding="utf-8") as fh:  # rewrite without a torn tail before appending
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    line_end = _newline_ends(tokenizer, int(src.index["vocab_size"]))
+    gen = GenerationConfig(mode="ar", max_new_tokens=new_tokens, eos_token_id=[eos_id])
+    deadline = None if time_limit_min is None else time.monotonic() + 60 * time_limit_min
+    bar = tqdm(total=samples, initial=len(rows), desc="generating", unit="sample", disable=not progress)
+    with log.open("a", encoding="utf-8") as fh:
+        while len(rows) < samples:
+            if deadline is not None and time.monotonic() > deadline:
+                bar.close()
+                return None
+            first = len(rows)
+            idx = range(first, min(samples, first + batch_size))
+            prompts = [_generated_prompt(tokens, np.random.default_rng((seed, i)), prompt_tokens, line_end, eos_id)
+                       for i in idx]
+            done = generate(model, prompts, gen).sequences
+            for i, p, c in zip(idx, prompts, done, strict=True):
+                row = {"i": i, "seed": seed, "src": str(src.path), "prompt": p,
+                       "completion": c[:-1] if c and c[-1] == eos_id else c}
+                fh.write(json.dumps(row) + "\n")
+                rows.append(row)
+            fh.flush()
+            os.fsync(fh.fileno())
+            bar.update(len(idx))
+    bar.close()
+    dtype = np.dtype(src.index["dtype"])
+    writers = {name: _ShardWriter(out / f"{name}.bin", dtype, eos_id, None) for name in SPLITS}
+    try:
+        for r in rows:
+            split = "val" if r["i"] % val_every == val_every - 1 else "train"
+            writers[split].write([f"generated:{r['i']}"], [r["prompt"] + r["completion"]])
+        for w in writers.values():
+            w.commit()
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
+    index: dict[str, Any] = {
+        "format": 1,
+        "dtype": dtype.name,
+        "vocab_size": int(src.index["vocab_size"]),
+        "eos_id": eos_id,
+        "seed": seed,
+        "val_fraction": 1 / val_every,
+        "max_tokens": None,
+        "sources": [f"generated: greedy AR continuations ({new_tokens} tokens) of {prompt_tokens}-token prompts "
+                    f"from {src.path} train split"],
+        "tokenizer": src.index.get("tokenizer"),
+        "generated": {"model": model_name or type(model).__name__,
+                      "completion_tokens": sum(len(r["completion"]) for r in rows), "samples": len(rows)},
+        "skipped": {},
+        "train": {"tokens": writers["train"].tokens, "files": writers["train"].files},
+        "val": {"tokens": writers["val"].tokens, "files": writers["val"].files},
+    }
+    _atomic_write_text(out / "index.json", json.dumps(index, indent=1) + "\n")
+    return index
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 
@@ -635,6 +783,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--eos-id", type=int, default=None, help="document separator (default: tokenizer eos)")
     b.add_argument("--tokenizer", default="default", help="'default', a tokenizer dir/name, or a .gguf file")
     b.add_argument("--no-progress", action="store_true")
+    g = sub.add_parser("generate", help="shards of the model's own greedy continuations of corpus prompts")
+    g.add_argument("--shards", required=True, help="shard directory whose train split gives the prompts")
+    g.add_argument("--out", required=True, help="output directory (resumes its generated.jsonl)")
+    g.add_argument("--samples", type=int, required=True)
+    g.add_argument("--prompt-tokens", type=int, default=64)
+    g.add_argument("--new-tokens", type=int, default=192)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--model", default=None, help="model name or directory (default: the shipped model)")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--time-limit-min", type=float, default=None, help="stop (resumably) after this long")
+    g.add_argument("--no-progress", action="store_true")
     i = sub.add_parser("info", help="summarise a shard directory")
     i.add_argument("dir")
     return p
@@ -665,6 +826,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"val {idx['val']['tokens']:,} tokens / {len(idx['val']['files'])} files ({idx['dtype']}); "
                 f"skipped: {skipped}"
             )
+        elif args.cmd == "generate":
+            from tidar.runtime import Runtime
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            TokenShards(args.shards)  # fail on a bad source before loading the model
+            rt = Runtime.load(args.model, dtype=args.dtype)
+            idx = generate_shards(
+                rt.model, rt.tokenizer, args.shards, args.out, samples=args.samples,
+                prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch_size=args.batch_size,
+                seed=args.seed, time_limit_min=args.time_limit_min, progress=not args.no_progress,
+                model_name=rt.name,
+            )
+            if idx is None:
+                print(f"time limit reached; re-run the same command to continue {args.out}")
+            else:
+                print(f"wrote {args.out}: train {idx['train']['tokens']:,} tokens, val {idx['val']['tokens']:,} "
+                      f"tokens ({idx['generated']['completion_tokens']:,} generated)")
         else:
             sh = TokenShards(args.dir)
             ix = sh.index
