@@ -55,9 +55,15 @@ def export(src: Path, dst: Path, operating_point: dict | None = None, dtype: tor
         earlier = prior.get("lineage") or [{k: prior.get(k) for k in ("exported_from", "step", "tokens", "targets")}]
         # exporting the same checkpoint again (e.g. with a new operating point) into the adapter the
         # run started from must not count its tokens twice
+        again = [e for e in earlier if e.get("exported_from") == str(src)]
         earlier = [e for e in earlier if e.get("exported_from") != str(src)]
         manifest["lineage"] = [*earlier, {"exported_from": str(src), "step": manifest.get("step"),
                                           "tokens": manifest.get("tokens"), "targets": manifest.get("targets")}]
+        # chunks may train on different data (corpus, self-generated)
+        if extra and "data" in extra:
+            manifest["lineage"][-1]["data"] = extra["data"].get("sources")
+        elif again and "data" in again[0]:
+            manifest["lineage"][-1]["data"] = again[0]["data"]
         manifest["tokens_total"] = sum(int(e.get("tokens") or 0) for e in manifest["lineage"])
     state = {k: v.to(dtype).contiguous() for k, v in load_file(src / ADAPTER_FILE).items()}
     dst.mkdir(parents=True, exist_ok=True)

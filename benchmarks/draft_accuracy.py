@@ -1,0 +1,38 @@
+"""Teacher-forced draft accuracy of drafter(s) on shard directories' val splits, side by side: accuracy
+vs the AR model's argmax by offset in the block, and `accept_est` (tokens a pass would commit).
+
+    .venv/bin/python benchmarks/draft_accuracy.py --models default,out/candidate --data data/shards,data/selfgen
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from tidar.data import TokenShards
+from tidar.train import TrainConfig, evaluate
+from tidar.weights import load_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="default", help="comma-separated model dirs ('default': the shipped one)")
+    p.add_argument("--data", default="data/shards", help="comma-separated shard directories")
+    p.add_argument("--batches", type=int, default=8, help="eval batches of 8 x 256 tokens per shard directory")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{'model':>36} {'data':>14}  acc vs AR argmax by offset   accept_est")
+    for name in args.models.split(","):
+        model = load_model(None if name == "default" else name, dtype=torch.float32)
+        for data in args.data.split(","):
+            cfg = TrainConfig(block_size=model.config.block_size, seq_len=256, batch_size=8,
+                              eval_batches=args.batches, dtype="bfloat16")
+            ev = evaluate(model, TokenShards(data).split("val"), cfg)
+            accs = " ".join(f"{a:.3f}" for a in ev["val_acc_ar"])
+            print(f"{name:>36} {data:>14}  {accs}   {ev['val_accept_est']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
