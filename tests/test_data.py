@@ -224,6 +224,10 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         data.main(["info", str(tmp_path)])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # fails before any model is loaded
+        data.main(["generate", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "g"), "--samples", "1"])
+    assert e.value.code == 2
+    assert "build shards first" in capsys.readouterr().err
 
 
 def test_batch_at_deterministic_and_ddp_disjoint() -> None:
