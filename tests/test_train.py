@@ -357,14 +357,15 @@ def test_export_of_a_continued_run_records_the_lineage(tmp_path: Path, shards: P
     first = cfg_for(tmp_path / "a", shards, init=str(base_dir), **kw)
     T.train(first)
     shipped = tmp_path / "shipped"
-    m1 = export(Path(first.out_dir), shipped)
+    m1 = export(Path(first.out_dir), shipped, extra={"data": {"sources": ["corpus"]}})
     assert "lineage" not in m1 and m1["tokens"] == 2 * 4 * 16
     second = cfg_for(tmp_path / "b", shards, init=str(shipped), seed=1, **kw)
     T.train(second)
     # overwrites the adapter it was initialised from
     m2 = export(Path(second.out_dir), shipped, extra={"data": {"sources": ["generated"]}})
     assert [e["tokens"] for e in m2["lineage"]] == [m1["tokens"], m2["tokens"]]
-    assert m2["lineage"][-1]["data"] == ["generated"] and "data" not in m2["lineage"][0]
+    assert m2["lineage"][-1]["data"] == ["generated"] and m2["lineage"][0]["data"] == ["corpus"]
+    assert m2["data"] == {"sources": ["generated"]}
     assert m2["tokens_total"] == 2 * m1["tokens"]
     m3 = export(Path(second.out_dir), shipped, {"block_size": 2})  # re-export, e.g. a new operating point
     assert m3["lineage"] == m2["lineage"] and m3["tokens_total"] == m2["tokens_total"]
