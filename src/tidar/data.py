@@ -458,20 +458,17 @@ def build_shards(
             w.discard()
         raise
 
-    index: dict[str, Any] = {
-        "format": 1,
-        "dtype": dtype.name,
-        "vocab_size": vocab_size,
-        "eos_id": int(eos_id),
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "max_tokens": max_tokens,
-        "sources": list(dict.fromkeys(sources)),
-        "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
-        "skipped": skipped,
-        "train": {"tokens": writers["train"].tokens, "files": writers["train"].files},
-        "val": {"tokens": writers["val"].tokens, "files": writers["val"].files},
-    }
+    return _write_index(
+        out, writers, dtype, vocab_size=vocab_size, eos_id=int(eos_id), seed=seed, val_fraction=val_fraction,
+        max_tokens=max_tokens, sources=list(dict.fromkeys(sources)),
+        tokenizer=str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__), skipped=skipped)
+
+
+def _write_index(out: Path, writers: dict[str, _ShardWriter], dtype: np.dtype, **fields: Any) -> dict[str, Any]:
+    """Write `out/index.json` (atomically) for committed shard writers; `fields` describe the data."""
+    index: dict[str, Any] = {"format": 1, "dtype": dtype.name, **fields}
+    for split in ("train", "val"):
+        index[split] = {"tokens": writers[split].tokens, "files": writers[split].files}
     _atomic_write_text(out / "index.json", json.dumps(index, indent=1) + "\n")
     return index
 
@@ -602,25 +599,15 @@ def generate_shards(
         for w in writers.values():
             w.discard()
         raise
-    index: dict[str, Any] = {
-        "format": 1,
-        "dtype": dtype.name,
-        "vocab_size": int(src.index["vocab_size"]),
-        "eos_id": eos_id,
-        "seed": seed,
-        "val_fraction": 1 / val_every,
-        "max_tokens": None,
-        "sources": [f"generated: greedy AR continuations ({new_tokens} tokens) of {prompt_tokens}-token prompts "
-                    f"from {src.path} train split"],
-        "tokenizer": src.index.get("tokenizer"),
-        "generated": {"model": model_name or type(model).__name__,
-                      "completion_tokens": sum(len(r["completion"]) for r in rows), "samples": len(rows)},
-        "skipped": {},
-        "train": {"tokens": writers["train"].tokens, "files": writers["train"].files},
-        "val": {"tokens": writers["val"].tokens, "files": writers["val"].files},
-    }
-    _atomic_write_text(out / "index.json", json.dumps(index, indent=1) + "\n")
-    return index
+    return _write_index(
+        out, writers, dtype, vocab_size=int(src.index["vocab_size"]), eos_id=eos_id, seed=seed,
+        val_fraction=1 / val_every, max_tokens=None,
+        sources=[f"generated: greedy AR continuations ({new_tokens} tokens) of {prompt_tokens}-token prompts "
+                 f"from {src.path} train split"],
+        tokenizer=src.index.get("tokenizer"),
+        generated={"model": model_name or type(model).__name__,
+                   "completion_tokens": sum(len(r["completion"]) for r in rows), "samples": len(rows)},
+        skipped={})
 
 
 # -- reading ---------------------------------------------------------------------------------------
