@@ -57,10 +57,11 @@ def export(src: Path, dst: Path, operating_point: dict | None = None, dtype: tor
         # run started from must not count its tokens twice
         again = [e for e in earlier if e.get("exported_from") == str(src)]
         earlier = [dict(e) for e in earlier if e.get("exported_from") != str(src)]
-        if not again and (prior.get("data") or {}).get("sources"):
+        prior_sources = (prior.get("data") or {}).get("sources")
+        if prior_sources and not again:
             # the adapter's top-level data described its own chunks; keep it on them
             for e in earlier:
-                e.setdefault("data", prior["data"]["sources"])
+                e.setdefault("data", prior_sources)
         manifest["lineage"] = [*earlier, {"exported_from": str(src), "step": manifest.get("step"),
                                           "tokens": manifest.get("tokens"), "targets": manifest.get("targets")}]
         # chunks may train on different data (corpus, self-generated)
