@@ -4,7 +4,8 @@
 # 2) continue the better one; 3) `extend <minutes> [<n>]`: a new run runs/smollm2-b4-self-<n> (default 2,
 # data-order seed n-1) initialised from the shipped adapter. Every command appends to runs/<name>/train.log;
 # re-running resumes. 4) `selfgen <minutes> [<n>]`: the same on shards of the AR model's own greedy continuations of
-# corpus prompts (`tidar data generate`, ~17 min for 4,000 samples here, resumable), the text drafts are judged on.
+# corpus prompts (`tidar data generate`, ~17 min for 4,000 samples here, resumable), the text drafts are judged on;
+# `selfgen-code <minutes> [<n>]`: the same on continuations of code and chat prompts (data/selfgen-code).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
@@ -27,14 +28,21 @@ elif [ "$phase" = extend ]; then
   $TIDAR train --config configs/smollm2-adapter-b4.json targets=self init=src/tidar/assets/smollm2-tidar \
     out_dir=$out seed=$((n - 1)) lr="${LR:-0.0006}" warmup_steps=10 max_steps="${MAX_STEPS:-450}" time_limit_min="${2:-65}" \
     progress=false 2>&1 | tee -a "$out/train.log"
-elif [ "$phase" = selfgen ]; then
-  [ -f data/selfgen/index.json ] || $TIDAR data generate --shards data/shards --out data/selfgen --samples 4000 \
-    --prompt-tokens 64 --new-tokens 192 --batch-size 64 --no-progress
+elif [ "$phase" = selfgen ] || [ "$phase" = selfgen-code ]; then
+  if [ "$phase" = selfgen ]; then
+    [ -f data/selfgen/index.json ] || $TIDAR data generate --shards data/shards --out data/selfgen --samples 4000 \
+      --prompt-tokens 64 --new-tokens 192 --batch-size 64 --no-progress
+  else
+    # Continuations of prompts shaped like the served ones: stdlib functions through their docstrings (HumanEval's
+    # shape) and, every 4th, a chat turn asking for that function (~30 min here, resumable).
+    [ -f data/selfgen-code/index.json ] || $TIDAR data generate --prompts code --shards data/shards \
+      --out data/selfgen-code --samples 3200 --new-tokens 128 --batch-size 64 --no-progress
+  fi
   n="${3:-4}"
-  out="runs/smollm2-b4-selfgen-$n"
+  out="runs/smollm2-b4-$phase-$n"
   mkdir -p "$out"
   $TIDAR train --config configs/smollm2-adapter-b4.json targets=self init=src/tidar/assets/smollm2-tidar \
-    data=data/selfgen out_dir=$out seed=$((n - 1)) lr="${LR:-0.0006}" warmup_steps=10 max_steps="${MAX_STEPS:-500}" \
+    data=data/$phase out_dir=$out seed=$((n - 1)) lr="${LR:-0.0006}" warmup_steps=10 max_steps="${MAX_STEPS:-500}" \
     eval_at_start=true eval_batches=8 time_limit_min="${2:-85}" progress=false 2>&1 | tee -a "$out/train.log"
 else
   # phase = continue:<targets> <minutes>

@@ -349,3 +349,84 @@ def test_generate_shards_refuses_other_settings(corpus: Path, tmp_path: Path) ->
         _generated(tmp_path / "src", tmp_path / "gen", samples=3, seed=1)
     with pytest.raises(DataError, match="samples >= 1"):
         _generated(tmp_path / "src", tmp_path / "gen2", samples=0)
+
+
+_CODE = '''import os
+
+
+def add(a, b=1):
+    """Add two numbers.
+
+    More words.
+    """
+    c = a + b
+    return c
+
+
+def only_doc():
+    """A docstring and nothing else."""
+
+
+def no_doc(x):
+    return x
+
+
+class K:
+    @staticmethod
+    def twice(x):
+        """Double x."""
+        return 2 * x
+'''
+
+
+class ChatByteTokenizer(ByteTokenizer):
+    chat_template = "fake"
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True):  # noqa: ANN001
+        return self.encode("<user>" + messages[0]["content"] + "<assistant>")
+
+
+def test_code_prompts_end_after_the_docstring_and_skip_excluded_files(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text(_CODE)
+    (tmp_path / "held.py").write_text(_CODE.replace("add", "held_add"))
+    (tmp_path / "notes.txt").write_text('def f():\n    """doc"""\n    return 1\n')
+    tok = ByteTokenizer()
+    got = data.code_prompts(tok, str(tmp_path), exclude=[f"{tmp_path}:held.py"], chat_every=0)
+    texts = sorted(tok.decode(ids) for _, ids in got)
+    assert texts == [
+        '@staticmethod\ndef twice(x):\n    """Double x."""\n',
+        'def add(a, b=1):\n    """Add two numbers.\n\n    More words.\n    """\n',
+    ]
+    assert {name for name, _ in got} == {f"{tmp_path}:a.py:4", f"{tmp_path}:a.py:23"}
+    assert data.code_prompts(tok, str(tmp_path), chat_every=0, seed=3) == data.code_prompts(
+        tok, str(tmp_path), chat_every=0, seed=3)
+    assert len(data.code_prompts(tok, str(tmp_path), exclude=[f"{tmp_path}:held.py"], chat_every=0, max_tokens=50)) == 1
+    # a chat template turns every chat_every-th prompt into a request for that function
+    chat = data.code_prompts(ChatByteTokenizer(), str(tmp_path), exclude=[f"{tmp_path}:held.py"], chat_every=2)
+    asks = [tok.decode(ids) for name, ids in chat if name.startswith("chat:")]
+    assert len(asks) == 1 and asks[0] in ("<user>Write a Python function `add(a, b=1)`: Add two numbers.<assistant>",
+                                          "<user>Write a Python function `twice(x)`: Double x.<assistant>")
+    with pytest.raises(DataError, match="no Python functions"):
+        data.code_prompts(tok, str(tmp_path / "notes.txt"))
+
+
+def test_generate_shards_from_given_prompts(corpus: Path, tmp_path: Path) -> None:
+    from conftest import tiny_model
+
+    from tidar.decoding import GenerationConfig, generate
+
+    build_shards([str(corpus)], ByteTokenizer(), tmp_path / "src", val_fraction=0.1, seed=0, progress=False)
+    prompts = [(f"p{i}", ByteTokenizer().encode(f"def f{i}(x):\n")) for i in range(4)]
+    model = tiny_model(seed=1, vocab_size=257)
+    kw = dict(new_tokens=5, batch_size=3, val_every=2, progress=False, prompts=prompts, prompts_name="defs")
+    idx = data.generate_shards(model, ByteTokenizer(), tmp_path / "src", tmp_path / "gen", samples=4, **kw)
+    assert idx["val"]["files"] == ["generated:p1", "generated:p3"] and "defs (4 prompts, crc32 " in idx["sources"][0]
+    rows = [json.loads(line) for line in (tmp_path / "gen" / data.GENERATED_LOG).read_text().splitlines()]
+    gen = GenerationConfig(mode="ar", max_new_tokens=5, eos_token_id=[0])
+    for r, (_, p) in zip(rows, prompts, strict=True):
+        assert r["prompt"] == p and r["completion"] == [t for t in generate(model, [p], gen).sequences[0] if t != 0]
+    with pytest.raises(DataError, match="only 4 prompts"):
+        data.generate_shards(model, ByteTokenizer(), tmp_path / "src", tmp_path / "gen2", samples=5, **kw)
+    with pytest.raises(DataError, match="other settings"):
+        data.generate_shards(model, ByteTokenizer(), tmp_path / "src", tmp_path / "gen", samples=4,
+                             **{**kw, "prompts": prompts[:3] + prompts[:1]})

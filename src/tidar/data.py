@@ -38,6 +38,7 @@ __all__ = [
     "TokenShards",
     "batch_at",
     "build_shards",
+    "code_prompts",
     "generate_shards",
     "main",
     "resolve_source",
@@ -508,6 +509,73 @@ def _generated_prompt(tokens: np.ndarray, rng: np.random.Generator, length: int,
     return [int(t) for t in window]
 
 
+def _function_prompts(name: str, text: str) -> list[tuple[str, str, str]]:
+    """(name, signature, prompt) for each function of a Python file whose body goes on past its docstring:
+    the source from `def` through the docstring, dedented, as HumanEval-style prompts are."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    lines = text.splitlines()
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or len(node.body) < 2:
+            continue
+        doc = ast.get_docstring(node)
+        if not doc or node.body[0].end_lineno is None:
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        src = textwrap.dedent("\n".join(lines[start - 1 : node.body[0].end_lineno])) + "\n"
+        if src.startswith((" ", "\t")):  # mixed indentation that dedent cannot undo
+            continue
+        out.append((f"{name}:{node.lineno}", f"{node.name}({ast.unparse(node.args)})", src))
+    return out
+
+
+def code_prompts(tokenizer, source: str = "stdlib", *, exclude: Sequence[str] = (), chat_every: int = 4,
+                 max_tokens: int = 256, seed: int = 0) -> list[tuple[str, list[int]]]:
+    """(name, token ids) of code prompts from the Python files of `source`, in seeded shuffled order.
+
+    Every function with a docstring and a body becomes a prompt ending after its docstring (the shape of
+    HumanEval's prompts); every `chat_every`-th one is instead a chat turn asking for that function
+    (the shape of the demo's chat prompt). Files named in `exclude` (a shard index's val files) are
+    skipped, so prompts come from the train split only. Prompts over `max_tokens` tokens are dropped.
+    """
+    src = _resolve(source)
+    skip = set(exclude)
+    found = []
+    for item_name, item in zip(src.names, src.items, strict=True):
+        if item_name in skip or not item_name.endswith(".py"):
+            continue
+        text = item[1] if isinstance(item, tuple) else _read_text(item)[0]
+        if text:
+            found.extend(_function_prompts(item_name, text))
+    if not found:
+        raise DataError(f"source {source!r} has no Python functions with docstrings to make code prompts from")
+    order = np.random.default_rng((seed, 1)).permutation(len(found)).tolist()
+    chat = chat_every > 0 and bool(getattr(tokenizer, "chat_template", None))
+    out = []
+    for k, i in enumerate(order):
+        name, signature, prompt = found[i]
+        if chat and k % chat_every == chat_every - 1:
+            doc = prompt.split('"""' if '"""' in prompt else "'''", 1)[-1]
+            ask = " ".join(doc.split("\n\n", 1)[0].replace('"""', "").replace("'''", "").split())
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"Write a Python function `{signature}`: {ask}"}],
+                add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            name = f"chat:{name}"
+        else:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if 0 < len(ids) <= max_tokens:
+            out.append((name, [int(t) for t in ids]))
+    return out
+
+
 def _read_generated(path: Path) -> list[dict[str, Any]]:
     """Complete lines of a generation log; a torn last line (the writer was killed) is dropped."""
     rows = []
@@ -535,8 +603,13 @@ def generate_shards(
     time_limit_min: float | None = None,
     progress: bool = True,
     model_name: str = "",
+    prompts: Sequence[tuple[str, list[int]]] | None = None,
+    prompts_name: str = "",
 ) -> dict[str, Any] | None:
     """Shards of the model's own greedy continuations of prompts drawn from `src_dir`'s train split.
+
+    Given `prompts` ((name, token ids), e.g. from `code_prompts`, named `prompts_name`), sample i continues
+    prompts[i] instead, and `src_dir` only gives the token format (dtype, vocabulary, EOS).
 
     Each sample is a corpus prompt of up to `prompt_tokens` tokens plus `new_tokens` greedy AR tokens
     (fewer if the model ends with EOS); every `val_every`-th sample goes to val. Samples are appended
@@ -552,19 +625,26 @@ def generate_shards(
         raise DataError("need samples >= 1, prompt_tokens >= 8, new_tokens >= 1, batch_size >= 1, val_every >= 2")
     src = TokenShards(src_dir)
     tokens = src.split("train")
-    if len(tokens) < 2 * prompt_tokens:
+    if prompts is not None and samples > len(prompts):
+        raise DataError(f"asked for {samples} samples but there are only {len(prompts)} prompts; lower --samples")
+    if prompts is None and len(tokens) < 2 * prompt_tokens:
         raise DataError(f"{src_dir} has too few train tokens ({len(tokens)}) to draw prompts from")
     eos_id = int(src.index["eos_id"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = out / GENERATED_LOG
     rows = _read_generated(log)
-    if rows and (rows[0].get("seed") != seed or rows[0].get("src") != str(src.path)):
+    if prompts is None:
+        origin = str(src.path)
+    else:  # the checksum makes a resume with other prompts of the same name and count fail loudly
+        crc = zlib.crc32(json.dumps([list(map(int, ids)) for _, ids in prompts]).encode())
+        origin = f"{prompts_name or 'prompts'} ({len(prompts)} prompts, crc32 {crc:08x})"
+    if rows and (rows[0].get("seed") != seed or rows[0].get("src") != origin):
         raise DataError(f"{log} was made with other settings (seed {rows[0].get('seed')}, src {rows[0].get('src')}); "
                         "use another --out or delete it")
     with log.open("w", encoding="utf-8") as fh:  # rewrite without a torn tail before appending
         fh.writelines(json.dumps(r) + "\n" for r in rows)
-    line_end = _newline_ends(tokenizer, int(src.index["vocab_size"]))
+    line_end = _newline_ends(tokenizer, int(src.index["vocab_size"])) if prompts is None else None
     gen = GenerationConfig(mode="ar", max_new_tokens=new_tokens, eos_token_id=[eos_id])
     deadline = None if time_limit_min is None else time.monotonic() + 60 * time_limit_min
     bar = tqdm(total=samples, initial=len(rows), desc="generating", unit="sample", disable=not progress)
@@ -575,11 +655,14 @@ def generate_shards(
                 return None
             first = len(rows)
             idx = range(first, min(samples, first + batch_size))
-            prompts = [_generated_prompt(tokens, np.random.default_rng((seed, i)), prompt_tokens, line_end, eos_id)
-                       for i in idx]
-            done = generate(model, prompts, gen).sequences
-            for i, p, c in zip(idx, prompts, done, strict=True):
-                row = {"i": i, "seed": seed, "src": str(src.path), "prompt": p,
+            if prompts is None:
+                batch = [_generated_prompt(tokens, np.random.default_rng((seed, i)), prompt_tokens, line_end, eos_id)
+                         for i in idx]
+            else:
+                batch = [list(prompts[i][1]) for i in idx]
+            done = generate(model, batch, gen).sequences
+            for i, p, c in zip(idx, batch, done, strict=True):
+                row = {"i": i, "seed": seed, "src": origin, "prompt": p,
                        "completion": c[:-1] if c and c[-1] == eos_id else c}
                 fh.write(json.dumps(row) + "\n")
                 rows.append(row)
@@ -592,7 +675,8 @@ def generate_shards(
     try:
         for r in rows:
             split = "val" if r["i"] % val_every == val_every - 1 else "train"
-            writers[split].write([f"generated:{r['i']}"], [r["prompt"] + r["completion"]])
+            name = f"generated:{r['i']}" if prompts is None else f"generated:{prompts[r['i']][0]}"
+            writers[split].write([name], [r["prompt"] + r["completion"]])
         for w in writers.values():
             w.commit()
     except BaseException:
@@ -603,7 +687,8 @@ def generate_shards(
         out, writers, dtype, vocab_size=int(src.index["vocab_size"]), eos_id=eos_id, seed=seed,
         val_fraction=1 / val_every, max_tokens=None,
         sources=[f"generated: greedy AR continuations ({new_tokens} tokens) of {prompt_tokens}-token prompts "
-                 f"from {src.path} train split"],
+                 f"from {src.path} train split" if prompts is None else
+                 f"generated: greedy AR continuations ({new_tokens} tokens) of {origin}"],
         tokenizer=src.index.get("tokenizer"),
         generated={"model": model_name or type(model).__name__,
                    "completion_tokens": sum(len(r["completion"]) for r in rows), "samples": len(rows)},
@@ -773,6 +858,9 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="shards of the model's own greedy continuations of corpus prompts")
     g.add_argument("--shards", required=True, help="shard directory whose train split gives the prompts")
     g.add_argument("--out", required=True, help="output directory (resumes its generated.jsonl)")
+    g.add_argument("--prompts", default="corpus", choices=["corpus", "code"],
+                   help="corpus: windows of --shards' train split; code: functions with docstrings (ending after "
+                        "the docstring, a quarter as chat turns) from the stdlib files of --shards' train split")
     g.add_argument("--samples", type=int, required=True)
     g.add_argument("--prompt-tokens", type=int, default=64)
     g.add_argument("--new-tokens", type=int, default=192)
@@ -820,11 +908,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
             TokenShards(args.shards)  # fail on a bad source before loading the model
             rt = Runtime.load(args.model, dtype=args.dtype)
+            prompts, prompts_name = None, ""
+            if args.prompts == "code":
+                shards = TokenShards(args.shards)
+                prompts = code_prompts(rt.tokenizer, exclude=shards.index["val"]["files"], seed=args.seed)
+                prompts_name = "code prompts: stdlib functions through their docstrings, every 4th as a chat turn"
             idx = generate_shards(
                 rt.model, rt.tokenizer, args.shards, args.out, samples=args.samples,
                 prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch_size=args.batch_size,
                 seed=args.seed, time_limit_min=args.time_limit_min, progress=not args.no_progress,
-                model_name=rt.name,
+                model_name=rt.name, prompts=prompts, prompts_name=prompts_name,
             )
             if idx is None:
                 print(f"time limit reached; re-run the same command to continue {args.out}")
