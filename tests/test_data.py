@@ -430,3 +430,10 @@ def test_generate_shards_from_given_prompts(corpus: Path, tmp_path: Path) -> Non
     with pytest.raises(DataError, match="other settings"):
         data.generate_shards(model, ByteTokenizer(), tmp_path / "src", tmp_path / "gen", samples=4,
                              **{**kw, "prompts": prompts[:3] + prompts[:1]})
+
+
+def test_code_prompts_chat_asks_with_the_docstring_whatever_its_quotes(tmp_path: Path) -> None:
+    (tmp_path / "q.py").write_text('def ixor(a, b):\n    "Same as a ^= b."\n    a ^= b\n    return a\n')
+    tok = ChatByteTokenizer()
+    (_, ids), = data.code_prompts(tok, str(tmp_path), chat_every=1)
+    assert tok.decode(ids) == "<user>Write a Python function `ixor(a, b)`: Same as a ^= b.<assistant>"

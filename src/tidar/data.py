@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tidar.weights import chat_ids
+
 __all__ = [
     "DataError",
     "TokenShards",
@@ -509,9 +511,10 @@ def _generated_prompt(tokens: np.ndarray, rng: np.random.Generator, length: int,
     return [int(t) for t in window]
 
 
-def _function_prompts(name: str, text: str) -> list[tuple[str, str, str]]:
-    """(name, signature, prompt) for each function of a Python file whose body goes on past its docstring:
-    the source from `def` through the docstring, dedented, as HumanEval-style prompts are."""
+def _function_prompts(name: str, text: str) -> list[tuple[str, str, str, str]]:
+    """(name, signature, prompt, summary) for each function of a Python file whose body goes on past its
+    docstring: the source from `def` through the docstring, dedented, as HumanEval-style prompts are, and
+    the docstring's first paragraph on one line."""
     import ast
     import textwrap
 
@@ -531,7 +534,8 @@ def _function_prompts(name: str, text: str) -> list[tuple[str, str, str]]:
         src = textwrap.dedent("\n".join(lines[start - 1 : node.body[0].end_lineno])) + "\n"
         if src.startswith((" ", "\t")):  # mixed indentation that dedent cannot undo
             continue
-        out.append((f"{name}:{node.lineno}", f"{node.name}({ast.unparse(node.args)})", src))
+        summary = " ".join(doc.split("\n\n", 1)[0].split())
+        out.append((f"{name}:{node.lineno}", f"{node.name}({ast.unparse(node.args)})", src, summary))
     return out
 
 
@@ -559,15 +563,9 @@ def code_prompts(tokenizer, source: str = "stdlib", *, exclude: Sequence[str] = 
     chat = chat_every > 0 and bool(getattr(tokenizer, "chat_template", None))
     out = []
     for k, i in enumerate(order):
-        name, signature, prompt = found[i]
+        name, signature, prompt, summary = found[i]
         if chat and k % chat_every == chat_every - 1:
-            doc = prompt.split('"""' if '"""' in prompt else "'''", 1)[-1]
-            ask = " ".join(doc.split("\n\n", 1)[0].replace('"""', "").replace("'''", "").split())
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"Write a Python function `{signature}`: {ask}"}],
-                add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
+            ids = chat_ids(tokenizer, [{"role": "user", "content": f"Write a Python function `{signature}`: {summary}"}])
             name = f"chat:{name}"
         else:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -686,9 +684,8 @@ def generate_shards(
     return _write_index(
         out, writers, dtype, vocab_size=int(src.index["vocab_size"]), eos_id=eos_id, seed=seed,
         val_fraction=1 / val_every, max_tokens=None,
-        sources=[f"generated: greedy AR continuations ({new_tokens} tokens) of {prompt_tokens}-token prompts "
-                 f"from {src.path} train split" if prompts is None else
-                 f"generated: greedy AR continuations ({new_tokens} tokens) of {origin}"],
+        sources=[f"generated: greedy AR continuations ({new_tokens} tokens) of "
+                 + (f"{prompt_tokens}-token prompts from {src.path} train split" if prompts is None else origin)],
         tokenizer=src.index.get("tokenizer"),
         generated={"model": model_name or type(model).__name__,
                    "completion_tokens": sum(len(r["completion"]) for r in rows), "samples": len(rows)},
@@ -906,11 +903,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.threads:
                 torch.set_num_threads(args.threads)
-            TokenShards(args.shards)  # fail on a bad source before loading the model
+            shards = TokenShards(args.shards)  # fail on a bad source before loading the model
             rt = Runtime.load(args.model, dtype=args.dtype)
             prompts, prompts_name = None, ""
             if args.prompts == "code":
-                shards = TokenShards(args.shards)
                 prompts = code_prompts(rt.tokenizer, exclude=shards.index["val"]["files"], seed=args.seed)
                 prompts_name = "code prompts: stdlib functions through their docstrings, every 4th as a chat turn"
             idx = generate_shards(

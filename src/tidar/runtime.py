@@ -15,7 +15,7 @@ import torch
 
 from tidar.decoding import GenerationConfig, GenerationError, TextStreamer, generate
 from tidar.model import Transformer
-from tidar.weights import MANIFEST_FILE, load_model, load_tokenizer, resolve_model_path
+from tidar.weights import MANIFEST_FILE, chat_ids, load_model, load_tokenizer, resolve_model_path
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -111,11 +111,7 @@ class Runtime:
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise GenerationError("this model's tokenizer has no chat template; drop --chat")
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                     tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
+            return chat_ids(self.tokenizer, [{"role": "user", "content": prompt}])
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise GenerationError("the prompt is empty after tokenization")

@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tidar.decoding import GenerationConfig, GenerationError
 from tidar.runtime import Runtime, TextResult
+from tidar.weights import chat_ids
 
 log = logging.getLogger("tidar.server")
 
@@ -207,12 +208,10 @@ def _chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
             content = "".join(p.text or "" for p in content)
         msgs.append({"role": m.role, "content": content or ""})
     try:
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = chat_ids(tok, msgs)
     except Exception as e:  # a template that rejects the conversation (roles, order) is the caller's error
         raise APIError(f"the chat template rejected these messages: {e}", param="messages") from None
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return _validate_ids(engine, list(ids))
+    return _validate_ids(engine, ids)
 
 
 # -- responses -----------------------------------------------------------------------------------

@@ -217,6 +217,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template, ending with the assistant's turn."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # transformers returns a plain list or, in some versions, a BatchEncoding
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
 def load_tokenizer(name: str | Path | None = None) -> Any:
     """The tokenizer stored with a model (adapters use their base's)."""
     from transformers import AutoTokenizer
