@@ -5,7 +5,8 @@
 # data-order seed n-1) initialised from the shipped adapter. Every command appends to runs/<name>/train.log;
 # re-running resumes. 4) `selfgen <minutes> [<n>]`: the same on shards of the AR model's own greedy continuations of
 # corpus prompts (`tidar data generate`, ~17 min for 4,000 samples here, resumable), the text drafts are judged on;
-# `selfgen-code <minutes> [<n>]`: the same on continuations of code and chat prompts (data/selfgen-code).
+# `selfgen-code <minutes> [<n>]`: the same on continuations of code and chat prompts (data/selfgen-code);
+# `selfgen-code2 <minutes> [<n>]`: the same on the next 4,000 code/chat prompts, none of which selfgen-code saw.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
@@ -28,10 +29,13 @@ elif [ "$phase" = extend ]; then
   $TIDAR train --config configs/smollm2-adapter-b4.json targets=self init=src/tidar/assets/smollm2-tidar \
     out_dir=$out seed=$((n - 1)) lr="${LR:-0.0006}" warmup_steps=10 max_steps="${MAX_STEPS:-450}" time_limit_min="${2:-65}" \
     progress=false 2>&1 | tee -a "$out/train.log"
-elif [ "$phase" = selfgen ] || [ "$phase" = selfgen-code ]; then
+elif [ "$phase" = selfgen ] || [ "$phase" = selfgen-code ] || [ "$phase" = selfgen-code2 ]; then
   if [ "$phase" = selfgen ]; then
     [ -f data/selfgen/index.json ] || $TIDAR data generate --shards data/shards --out data/selfgen --samples 4000 \
       --prompt-tokens 64 --new-tokens 192 --batch-size 64 --no-progress
+  elif [ "$phase" = selfgen-code2 ]; then
+    [ -f data/selfgen-code2/index.json ] || $TIDAR data generate --prompts code --skip-prompts 3200 \
+      --shards data/shards --out data/selfgen-code2 --samples 4000 --new-tokens 128 --batch-size 64 --no-progress
   else
     # Continuations of prompts shaped like the served ones: stdlib functions through their docstrings (HumanEval's
     # shape) and, every 4th, a chat turn asking for that function (~30 min here, resumable).

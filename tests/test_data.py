@@ -228,6 +228,11 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         data.main(["generate", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "g"), "--samples", "1"])
     assert e.value.code == 2
     assert "build shards first" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        data.main(["generate", "--shards", str(tmp_path), "--out", str(tmp_path / "g"), "--samples", "1",
+                   "--skip-prompts", "3"])
+    assert e.value.code == 2
+    assert "--skip-prompts applies to --prompts code only" in capsys.readouterr().err
 
 
 def test_batch_at_deterministic_and_ddp_disjoint() -> None:
@@ -408,6 +413,11 @@ def test_code_prompts_end_after_the_docstring_and_skip_excluded_files(tmp_path: 
                                           "<user>Write a Python function `twice(x)`: Double x.<assistant>")
     with pytest.raises(DataError, match="no Python functions"):
         data.code_prompts(tok, str(tmp_path / "notes.txt"))
+    # skip leaves out the head of the seeded order, which an earlier run with that seed continued
+    both = data.code_prompts(tok, str(tmp_path), chat_every=0, seed=5)
+    assert data.code_prompts(tok, str(tmp_path), chat_every=0, seed=5, skip=2) == both[2:]
+    with pytest.raises(DataError, match="cannot skip 4 prompts: there are 4"):
+        data.code_prompts(tok, str(tmp_path), chat_every=0, skip=4)
 
 
 def test_generate_shards_from_given_prompts(corpus: Path, tmp_path: Path) -> None:

@@ -540,19 +540,20 @@ def _function_prompts(name: str, text: str) -> list[tuple[str, str, str, str]]:
 
 
 def code_prompts(tokenizer, source: str = "stdlib", *, exclude: Sequence[str] = (), chat_every: int = 4,
-                 max_tokens: int = 256, seed: int = 0) -> list[tuple[str, list[int]]]:
+                 max_tokens: int = 256, seed: int = 0, skip: int = 0) -> list[tuple[str, list[int]]]:
     """(name, token ids) of code prompts from the Python files of `source`, in seeded shuffled order.
 
     Every function with a docstring and a body becomes a prompt ending after its docstring (the shape of
     HumanEval's prompts); every `chat_every`-th one is instead a chat turn asking for that function
     (the shape of the demo's chat prompt). Files named in `exclude` (a shard index's val files) are
     skipped, so prompts come from the train split only. Prompts over `max_tokens` tokens are dropped.
+    The first `skip` prompts of the order (those an earlier run with this seed used) are left out.
     """
     src = _resolve(source)
-    skip = set(exclude)
+    excluded = set(exclude)
     found = []
     for item_name, item in zip(src.names, src.items, strict=True):
-        if item_name in skip or not item_name.endswith(".py"):
+        if item_name in excluded or not item_name.endswith(".py"):
             continue
         text = item[1] if isinstance(item, tuple) else _read_text(item)[0]
         if text:
@@ -571,7 +572,9 @@ def code_prompts(tokenizer, source: str = "stdlib", *, exclude: Sequence[str] = 
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if 0 < len(ids) <= max_tokens:
             out.append((name, [int(t) for t in ids]))
-    return out
+    if not 0 <= skip < len(out):
+        raise DataError(f"cannot skip {skip} prompts: there are {len(out)} code prompts; pass 0 <= skip < {len(out)}")
+    return out[skip:]
 
 
 def _read_generated(path: Path) -> list[dict[str, Any]]:
@@ -859,6 +862,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="corpus: windows of --shards' train split; code: functions with docstrings (ending after "
                         "the docstring, a quarter as chat turns) from the stdlib files of --shards' train split")
     g.add_argument("--samples", type=int, required=True)
+    g.add_argument("--skip-prompts", type=int, default=0,
+                   help="with --prompts code: start after this many prompts of the seeded order (the ones an earlier "
+                        "run with the same seed continued), so a new run sees new prompts")
     g.add_argument("--prompt-tokens", type=int, default=64)
     g.add_argument("--new-tokens", type=int, default=192)
     g.add_argument("--batch-size", type=int, default=32)
@@ -903,12 +909,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.threads:
                 torch.set_num_threads(args.threads)
+            if args.skip_prompts and args.prompts != "code":
+                raise DataError("--skip-prompts applies to --prompts code only")
             shards = TokenShards(args.shards)  # fail on a bad source before loading the model
             rt = Runtime.load(args.model, dtype=args.dtype)
             prompts, prompts_name = None, ""
             if args.prompts == "code":
-                prompts = code_prompts(rt.tokenizer, exclude=shards.index["val"]["files"], seed=args.seed)
+                prompts = code_prompts(rt.tokenizer, exclude=shards.index["val"]["files"], seed=args.seed,
+                                       skip=args.skip_prompts)
                 prompts_name = "code prompts: stdlib functions through their docstrings, every 4th as a chat turn"
+                if args.skip_prompts:
+                    prompts_name += f", from #{args.skip_prompts} of seed {args.seed}'s order"
             idx = generate_shards(
                 rt.model, rt.tokenizer, args.shards, args.out, samples=args.samples,
                 prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch_size=args.batch_size,
