@@ -418,6 +418,8 @@ def test_code_prompts_end_after_the_docstring_and_skip_excluded_files(tmp_path: 
     assert data.code_prompts(tok, str(tmp_path), chat_every=0, seed=5, skip=2) == both[2:]
     with pytest.raises(DataError, match="cannot skip 4 prompts: there are 4"):
         data.code_prompts(tok, str(tmp_path), chat_every=0, skip=4)
+    with pytest.raises(DataError, match="fits in 5 tokens"):
+        data.code_prompts(tok, str(tmp_path), chat_every=0, max_tokens=5)
 
 
 def test_generate_shards_from_given_prompts(corpus: Path, tmp_path: Path) -> None:

@@ -572,6 +572,8 @@ def code_prompts(tokenizer, source: str = "stdlib", *, exclude: Sequence[str] = 
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if 0 < len(ids) <= max_tokens:
             out.append((name, [int(t) for t in ids]))
+    if not out:
+        raise DataError(f"no code prompt from {source!r} fits in {max_tokens} tokens; raise max_tokens")
     if not 0 <= skip < len(out):
         raise DataError(f"cannot skip {skip} prompts: there are {len(out)} code prompts; pass 0 <= skip < {len(out)}")
     return out[skip:]
