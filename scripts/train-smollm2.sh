@@ -7,6 +7,8 @@
 # corpus prompts (`tidar data generate`, ~17 min for 4,000 samples here, resumable), the text drafts are judged on;
 # `selfgen-code <minutes> [<n>]`: the same on continuations of code and chat prompts (data/selfgen-code);
 # `selfgen-code2 <minutes> [<n>]`: the same on the next 4,000 code/chat prompts, none of which selfgen-code saw.
+# `selfgen-pkgs <minutes> [<n>]`: the same on code/chat prompts of a new kind: functions of two installed
+# packages (networkx and sympy, both torch dependencies; test modules left out) instead of the stdlib's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
@@ -29,10 +31,14 @@ elif [ "$phase" = extend ]; then
   $TIDAR train --config configs/smollm2-adapter-b4.json targets=self init=src/tidar/assets/smollm2-tidar \
     out_dir=$out seed=$((n - 1)) lr="${LR:-0.0006}" warmup_steps=10 max_steps="${MAX_STEPS:-450}" time_limit_min="${2:-65}" \
     progress=false 2>&1 | tee -a "$out/train.log"
-elif [ "$phase" = selfgen ] || [ "$phase" = selfgen-code ] || [ "$phase" = selfgen-code2 ]; then
+elif [ "$phase" = selfgen ] || [ "$phase" = selfgen-code ] || [ "$phase" = selfgen-code2 ] || [ "$phase" = selfgen-pkgs ]; then
   if [ "$phase" = selfgen ]; then
     [ -f data/selfgen/index.json ] || $TIDAR data generate --shards data/shards --out data/selfgen --samples 4000 \
       --prompt-tokens 64 --new-tokens 192 --batch-size 64 --no-progress
+  elif [ "$phase" = selfgen-pkgs ]; then
+    pkgs=$(.venv/bin/python -c 'import os, networkx, sympy; print(",".join(os.path.dirname(m.__file__) for m in (networkx, sympy)))')
+    [ -f data/selfgen-pkgs/index.json ] || $TIDAR data generate --prompts code --code-source "$pkgs" \
+      --shards data/shards --out data/selfgen-pkgs --samples 3000 --new-tokens 128 --batch-size 64 --no-progress
   elif [ "$phase" = selfgen-code2 ]; then
     [ -f data/selfgen-code2/index.json ] || $TIDAR data generate --prompts code --skip-prompts 3200 \
       --shards data/shards --out data/selfgen-code2 --samples 4000 --new-tokens 128 --batch-size 64 --no-progress

@@ -233,6 +233,16 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
                    "--skip-prompts", "3"])
     assert e.value.code == 2
     assert "--skip-prompts applies to --prompts code only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        data.main(["generate", "--shards", str(tmp_path), "--out", str(tmp_path / "g"), "--samples", "1",
+                   "--code-source", str(tmp_path)])
+    assert e.value.code == 2
+    assert "--code-source applies to --prompts code only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        data.main(["generate", "--prompts", "code", "--shards", str(tmp_path), "--out", str(tmp_path / "g"),
+                   "--samples", "1", "--code-source", f"stdlib,{tmp_path / 'missing'}"])
+    assert e.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_batch_at_deterministic_and_ddp_disjoint() -> None:
@@ -449,3 +459,19 @@ def test_code_prompts_chat_asks_with_the_docstring_whatever_its_quotes(tmp_path:
     tok = ChatByteTokenizer()
     (_, ids), = data.code_prompts(tok, str(tmp_path), chat_every=1)
     assert tok.decode(ids) == "<user>Write a Python function `ixor(a, b)`: Same as a ^= b.<assistant>"
+
+
+def test_code_prompts_from_several_sources_leave_test_modules_out(tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two / "pkg" / "tests", two / "pkg"):
+        d.mkdir(parents=True, exist_ok=True)
+    (one / "a.py").write_text(_CODE)
+    (two / "pkg" / "b.py").write_text(_CODE.replace("add", "plus"))
+    for name in ("tests/c.py", "test_d.py", "e_test.py", "conftest.py"):  # test modules: never prompts
+        (two / "pkg" / name).write_text(_CODE.replace("add", "tested"))
+    tok = ByteTokenizer()
+    got = data.code_prompts(tok, [str(one), str(two)], chat_every=0)
+    texts = [tok.decode(ids) for _, ids in got]
+    assert len(got) == 4 and sum("def add(" in t for t in texts) == 1 and sum("def plus(" in t for t in texts) == 1
+    assert not any("tested" in t for t in texts)
+    assert sorted(got) == sorted(data.code_prompts(tok, str(one), chat_every=0) + data.code_prompts(tok, str(two), chat_every=0))

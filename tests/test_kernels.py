@@ -161,3 +161,40 @@ def test_lora_add_with_part_bounds_uses_the_block_diagonal(sizes, garbage):
     torch.testing.assert_close(full[..., :n], expect, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="col_bounds"):
         kernels.lora_add_(full[..., :n], full[..., n:], given, 2, col_bounds[:2], [0, 4])
+
+
+@needs_kernels
+def test_bfloat16_rounding_is_torchs_bit_for_bit_including_ties_and_specials():
+    """The kernels round float32 sums to bfloat16 a vector at a time; `add_rms_norm`'s sum output
+    shows it: nearest-even ties, infinities and overflow to inf must give torch's bits, NaN a NaN."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(4, 64, generator=g) * 4).bfloat16()
+    # x + 2^-8 * x sits exactly halfway between two bfloat16 values for most x: ties both ways
+    delta = (x.float() * 2 ** -8).bfloat16()
+    x[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.0e38]).bfloat16()
+    delta[0, :4] = torch.tensor([1.0, -1.0, 1.0, 3.0e38]).bfloat16()
+    x[1, 0], delta[1, 0] = float("inf"), float("-inf")  # inf - inf: a NaN with the sign bit set
+    s, _ = kernels.add_rms_norm(x, delta, torch.ones(64, dtype=torch.bfloat16), 1e-5)
+    expect = x + delta
+    nan = expect.isnan()
+    assert nan.sum() == 2 and torch.equal(s.isnan(), nan)  # NaN stays NaN (payloads differ among torch's own paths)
+    assert torch.equal(s[~nan].view(torch.int16), expect[~nan].view(torch.int16))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_is_swiglus_gate_row_by_row(dtype):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(4)
+    wide = (torch.randn(2, 7, 2 * 120 + 8, generator=g) * 4).to(dtype)  # 120: 16-lane blocks and a tail
+    wide[0, 0, :3] = torch.tensor([-100.0, 100.0, 0.0])
+    gu = wide[..., 8:]  # a column slice, as the fused gate/up output is
+    gate, up = gu[..., :120], gu[..., 120:]
+    got = kernels.silu_mul(gu)
+    assert got.shape == (2, 7, 120) and got.is_contiguous()
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=8e-3)  # at most an ulp
+    torch.testing.assert_close(got, F.silu(gate) * up, **tol)
+    assert torch.equal(kernels.silu_mul(gu[1:, 3:4]), got[1:, 3:4])  # the same bits alone as among others
+    with pytest.raises(RuntimeError, match="silu_mul"):
+        kernels.silu_mul(gu[..., :7])

@@ -539,9 +539,19 @@ def _function_prompts(name: str, text: str) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def code_prompts(tokenizer, source: str = "stdlib", *, exclude: Sequence[str] = (), chat_every: int = 4,
+def _is_test_file(name: str) -> bool:
+    """A test module (tests/, test_*.py, *_test.py, conftest.py): its functions are not the code
+    users ask for, and packages ship many of them."""
+    parts = Path(name).parts
+    stem = Path(name).stem
+    return (any(p in ("test", "tests", "testing") for p in parts[:-1]) or stem.startswith("test_")
+            or stem.endswith("_test") or stem == "conftest")
+
+
+def code_prompts(tokenizer, source: str | Sequence[str] = "stdlib", *, exclude: Sequence[str] = (), chat_every: int = 4,
                  max_tokens: int = 256, seed: int = 0, skip: int = 0) -> list[tuple[str, list[int]]]:
-    """(name, token ids) of code prompts from the Python files of `source`, in seeded shuffled order.
+    """(name, token ids) of code prompts from the Python files of `source` (a spec or several, as
+    `resolve_source` takes them), in seeded shuffled order.
 
     Every function with a docstring and a body becomes a prompt ending after its docstring (the shape of
     HumanEval's prompts); every `chat_every`-th one is instead a chat turn asking for that function
@@ -549,15 +559,20 @@ def code_prompts(tokenizer, source: str = "stdlib", *, exclude: Sequence[str] = 
     skipped, so prompts come from the train split only. Prompts over `max_tokens` tokens are dropped.
     The first `skip` prompts of the order (those an earlier run with this seed used) are left out.
     """
-    src = _resolve(source)
+    specs = [source] if isinstance(source, str) else list(source)
     excluded = set(exclude)
     found = []
-    for item_name, item in zip(src.names, src.items, strict=True):
-        if item_name in excluded or not item_name.endswith(".py"):
-            continue
-        text = item[1] if isinstance(item, tuple) else _read_text(item)[0]
-        if text:
-            found.extend(_function_prompts(item_name, text))
+    for src in [_resolve(spec) for spec in specs]:  # every spec checked before the slow parsing
+        # Other packages' test modules are left out. The stdlib's are kept: the commands that generated
+        # the shipped drafter's stdlib chunks (--skip-prompts offsets included) must give the same prompts.
+        skip_tests = src.kind != "stdlib"
+        for item_name, item in zip(src.names, src.items, strict=True):
+            if item_name in excluded or not item_name.endswith(".py") or (
+                    skip_tests and _is_test_file(item_name[len(src.spec) + 1:])):
+                continue
+            text = item[1] if isinstance(item, tuple) else _read_text(item)[0]
+            if text:
+                found.extend(_function_prompts(item_name, text))
     if not found:
         raise DataError(f"source {source!r} has no Python functions with docstrings to make code prompts from")
     order = np.random.default_rng((seed, 1)).permutation(len(found)).tolist()
@@ -863,6 +878,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", default="corpus", choices=["corpus", "code"],
                    help="corpus: windows of --shards' train split; code: functions with docstrings (ending after "
                         "the docstring, a quarter as chat turns) from the stdlib files of --shards' train split")
+    g.add_argument("--code-source", default="stdlib",
+                   help="with --prompts code: comma-separated sources of the Python files (stdlib, or directories, "
+                        "e.g. installed packages); stdlib files in --shards' val split are always left out")
     g.add_argument("--samples", type=int, required=True)
     g.add_argument("--skip-prompts", type=int, default=0,
                    help="with --prompts code: start after this many prompts of the seeded order (the ones an earlier "
@@ -913,13 +931,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
             if args.skip_prompts and args.prompts != "code":
                 raise DataError("--skip-prompts applies to --prompts code only")
+            code_sources = [c.strip() for c in args.code_source.split(",") if c.strip()]
+            if args.prompts != "code" and code_sources != ["stdlib"]:
+                raise DataError("--code-source applies to --prompts code only")
+            if not code_sources:
+                raise DataError("--code-source is empty; name stdlib or a directory of Python files")
+            for c in code_sources:  # a bad directory fails before the model loads
+                _resolve(c)
             shards = TokenShards(args.shards)  # fail on a bad source before loading the model
             rt = Runtime.load(args.model, dtype=args.dtype)
             prompts, prompts_name = None, ""
             if args.prompts == "code":
-                prompts = code_prompts(rt.tokenizer, exclude=shards.index["val"]["files"], seed=args.seed,
+                prompts = code_prompts(rt.tokenizer, code_sources, exclude=shards.index["val"]["files"], seed=args.seed,
                                        skip=args.skip_prompts)
-                prompts_name = "code prompts: stdlib functions through their docstrings, every 4th as a chat turn"
+                prompts_name = (f"code prompts: functions of {','.join(code_sources)} through their docstrings, "
+                                "every 4th as a chat turn")
                 if args.skip_prompts:
                     prompts_name += f", from #{args.skip_prompts} of seed {args.seed}'s order"
             idx = generate_shards(

@@ -6,9 +6,10 @@ layer besides its four projections. Fused kernels replace most of them:
 
 - `decode_attention`: softmax attention over the KV cache whose every query row is computed the same
   way whatever the other rows of the call (TiDAR's greedy output must equal AR's bit for bit);
-- `lora_add_`: the adapter's up-projection added in place on the [MASK] rows;
-- `rms_norm`, `add_rms_norm` (the residual add and the next norm in one pass) and `rope_cache_`
-  (RoPE on q and k, and the K/V cache writes).
+- `lora_add_`: the adapter's up-projection added in place on the [MASK] rows (bfloat16 dot products
+  where the CPU has AVX512-BF16);
+- `rms_norm`, `add_rms_norm` (the residual add and the next norm in one pass), `silu_mul` (SwiGLU's
+  gate) and `rope_cache_` (RoPE on q and k, and the K/V cache writes).
 
 Every kernel works row by row, so no row's result depends on the others in the call.
 
@@ -83,6 +84,12 @@ def lora_add_(out: torch.Tensor, down: torch.Tensor, up_t: torch.Tensor, row_sta
     """out[:, row_start:] += down[:, row_start:] @ up_t, in place (float32 sums). With the fused parts'
     cumulative output sizes and ranks (`col_bounds`, `rank_bounds`), up_t's off-diagonal zeros are skipped."""
     torch.ops.tidar_cpu.lora_add_(out, down, up_t, row_start, col_bounds or [], rank_bounds or [])
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate on a fused [gate | up] output (B, T, 2I): silu(gate) * up, rounded as PyTorch's
+    `F.silu(gate) * up` rounds (its exp is ours, so an ulp may differ)."""
+    return torch.ops.tidar_cpu.silu_mul(gu)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

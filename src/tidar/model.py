@@ -362,8 +362,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gate_up: FusedLinear | None = None
         self.down: FusedLinear | None = None
+        self.kernels = False  # silu(gate) * up through `kernels.silu_mul` (Transformer.use_kernels)
 
     def forward(self, x: torch.Tensor, mask_rows: MaskRows) -> torch.Tensor:
+        if self.kernels and self.gate_up is not None and not self.training and not torch.is_grad_enabled():
+            return self.down(kernels.silu_mul(self.gate_up.output(x, mask_rows)), mask_rows)[0]
         if self.gate_up is not None and not self.training:
             gate, up = self.gate_up(x, mask_rows)
         else:
@@ -459,7 +462,7 @@ class Transformer(nn.Module):
         on = (enable and self.fused and p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
               and head_dim in (16, 32, 64, 128) and kernels.available())
         for layer in self.layers:
-            layer.kernels = layer.self_attn.kernels = on
+            layer.kernels = layer.self_attn.kernels = layer.mlp.kernels = on
             for fused in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down):
                 fused.kernels = on and fused.n_out % 16 == 0
         self._kernels = on

@@ -20,7 +20,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -43,8 +47,28 @@ inline vf load(const c10::BFloat16* p) {  // bf16 is the top half of a float32
   return v;
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// float32 -> bfloat16, round to nearest even, NaN -> 0x7FC0: c10::BFloat16(float)'s bits, computed
+// a whole vector at a time (the scalar constructor's NaN branch keeps compilers from vectorizing it,
+// and at a decode step's few rows these conversions were a large share of the small kernels' time)
 inline void store(c10::BFloat16* p, vf v) {
-  for (int j = 0; j < L; ++j) p[j] = c10::BFloat16(v[j]);  // round to nearest even
+  vu u;
+  std::memcpy(&u, &v, sizeof u);
+  const vu rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where v is NaN
+  const vh h = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), vh);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// x rounded to T and back to float32: what T(x) then float(...) gives, one vector at a time
+inline vf rounded(vf x, float) { return x; }
+inline vf rounded(vf x, c10::BFloat16) {
+  vu u;
+  std::memcpy(&u, &x, sizeof u);
+  const vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);
+  u = (((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16) << 16 & ~nan) | (u & nan);
+  vf r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
 }
 
 inline float hsum(vf v) {  // fixed pairwise order
@@ -265,6 +289,73 @@ inline void lora_block(T* op, const T* dp, const T* up, int64_t B, int64_t rows,
   }
 }
 
+#if defined(__AVX512BF16__)
+// The same for bfloat16 on CPUs with AVX512-BF16: ranks in pairs through `vdpbf16ps` (two products
+// per lane and instruction, no conversions), an odd last rank as above. Its sums round differently
+// from the float32 loop's, which is fine: these are [MASK] rows, drafts only, and each row is still
+// computed by the same instructions whatever the other rows.
+template <int NV>
+inline void lora_block_dp(c10::BFloat16* op, const c10::BFloat16* dp, const c10::BFloat16* up, int64_t B, int64_t rows,
+                          int64_t row_start, int64_t r_lo, int64_t r_hi, int64_t N, int64_t n0, int64_t os0, int64_t os1,
+                          int64_t ds0, int64_t ds1) {
+  // word 2j of a pair vector is rank r's column j, word 2j + 1 rank r + 1's
+  alignas(64) static const int16_t order[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx = _mm512_load_si512(order);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
+      const int64_t nr = std::min<int64_t>(ROWS, rows - t0);
+      const c10::BFloat16* drow = dp + b * ds0 + (row_start + t0) * ds1;
+      __m512 acc[ROWS][NV];
+      for (int64_t i = 0; i < ROWS; ++i)
+        for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+      int64_t r = r_lo;
+      for (; r + 1 < r_hi; r += 2) {
+        __m512bh w[NV];
+        for (int j = 0; j < NV; ++j) {
+          const __m512i lo = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(up + r * N + n0 + j * L)));
+          const __m512i hi = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(up + (r + 1) * N + n0 + j * L)));
+          w[j] = (__m512bh)_mm512_permutex2var_epi16(lo, idx, hi);
+        }
+        for (int64_t i = 0; i < nr; ++i) {
+          int32_t pair;
+          std::memcpy(&pair, drow + i * ds1 + r, sizeof pair);
+          const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+          for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], x, w[j]);
+        }
+      }
+      if (r < r_hi) {
+        vf w[NV];
+        for (int j = 0; j < NV; ++j) w[j] = load(up + r * N + n0 + j * L);
+        for (int64_t i = 0; i < nr; ++i) {
+          const vf x = splat(float(drow[i * ds1 + r]));
+          for (int j = 0; j < NV; ++j) acc[i][j] = (__m512)((vf)acc[i][j] + x * w[j]);
+        }
+      }
+      for (int64_t i = 0; i < nr; ++i) {
+        c10::BFloat16* orow = op + b * os0 + (row_start + t0 + i) * os1 + n0;
+        for (int j = 0; j < NV; ++j) store(orow + j * L, load(orow + j * L) + (vf)acc[i][j]);
+      }
+    }
+  }
+}
+
+template <int NV, typename T>
+inline void lora_block_any(T* op, const T* dp, const T* up, int64_t B, int64_t rows, int64_t row_start, int64_t r_lo,
+                           int64_t r_hi, int64_t N, int64_t n0, int64_t os0, int64_t os1, int64_t ds0, int64_t ds1) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    lora_block_dp<NV>(op, dp, up, B, rows, row_start, r_lo, r_hi, N, n0, os0, os1, ds0, ds1);
+  else
+    lora_block<T, NV>(op, dp, up, B, rows, row_start, r_lo, r_hi, N, n0, os0, os1, ds0, ds1);
+}
+#else
+template <int NV, typename T>
+inline void lora_block_any(T* op, const T* dp, const T* up, int64_t B, int64_t rows, int64_t row_start, int64_t r_lo,
+                           int64_t r_hi, int64_t N, int64_t n0, int64_t os0, int64_t os1, int64_t ds0, int64_t ds1) {
+  lora_block<T, NV>(op, dp, up, B, rows, row_start, r_lo, r_hi, N, n0, os0, os1, ds0, ds1);
+}
+#endif
+
 template <typename T>
 void lora_add_impl(at::Tensor& out, const at::Tensor& down, const at::Tensor& up_t, int64_t row_start,
                    const std::vector<int64_t>& col_bounds, const std::vector<int64_t>& rank_bounds) {
@@ -290,8 +381,8 @@ void lora_add_impl(at::Tensor& out, const at::Tensor& down, const at::Tensor& up
       const bool wide = blk < blocks;
       const int64_t n0 = wide ? blk * 4 * L : (4 * blocks + blk - blocks) * L;
       const auto [lo, hi] = ranks(n0, n0 + (wide ? 4 * L : L));
-      if (wide) lora_block<T, 4>(op, dp, up, B, rows, row_start, lo, hi, N, n0, os0, os1, ds0, ds1);
-      else lora_block<T, 1>(op, dp, up, B, rows, row_start, lo, hi, N, n0, os0, os1, ds0, ds1);
+      if (wide) lora_block_any<4>(op, dp, up, B, rows, row_start, lo, hi, N, n0, os0, os1, ds0, ds1);
+      else lora_block_any<1>(op, dp, up, B, rows, row_start, lo, hi, N, n0, os0, os1, ds0, ds1);
     }
   });
 }
@@ -333,7 +424,10 @@ inline void rms_row(const T* x, const T* w, T* y, int64_t n, float eps) {
   float ss = hsum(acc);
   for (; i < n; ++i) ss += float(x[i]) * float(x[i]);
   const float r = 1.0f / std::sqrt(ss / float(n) + eps);
-  for (int64_t j = 0; j < n; ++j) y[j] = T(float(w[j]) * float(T(float(x[j]) * r)));
+  const vf rv = splat(r);
+  int64_t j = 0;
+  for (; j + L <= n; j += L) store(y + j, load(w + j) * rounded(load(x + j) * rv, T{}));
+  for (; j < n; ++j) y[j] = T(float(w[j]) * float(T(float(x[j]) * r)));
 }
 
 template <typename T>
@@ -385,7 +479,9 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
     at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T* drow = dp + (r / n_tok) * d0 + (r % n_tok) * d1;
-        for (int64_t j = 0; j < n; ++j) sp[r * n + j] = T(float(xp[r * n + j]) + float(drow[j]));
+        int64_t j = 0;
+        for (; j + L <= n; j += L) store(sp + r * n + j, load(xp + r * n + j) + load(drow + j));
+        for (; j < n; ++j) sp[r * n + j] = T(float(xp[r * n + j]) + float(drow[j]));
         rms_row(sp + r * n, wp, yp + r * n, n, float(eps));
       }
     });
@@ -393,6 +489,45 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   if (x.scalar_type() == at::kBFloat16) run(c10::BFloat16{});
   else run(float{});
   return {s, y};
+}
+
+// SwiGLU's gate: silu(g) * u for gu = [g | u] (the fused gate/up projection's output), rounded as
+// F.silu(g) * u rounds (silu to T, then the product to T). gu (B, T, 2I), unit stride in the last
+// dim; returns (B, T, I) contiguous. silu(g) = g * sigmoid(g), sigmoid from exp(-|g|) <= 1.
+at::Tensor silu_mul(const at::Tensor& gu) {
+  TORCH_CHECK(gu.dim() == 3 && gu.stride(2) == 1 && gu.size(2) % 2 == 0, "silu_mul: gu (B, T, 2I), unit stride in the last dim");
+  const auto dt = gu.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "silu_mul: float32 or bfloat16");
+  const int64_t B = gu.size(0), T = gu.size(1), I = gu.size(2) / 2;
+  auto y = at::empty({B, T, I}, gu.options());
+  auto run = [&](auto tag) {
+    using E = decltype(tag);
+    const E* gp = gu.data_ptr<E>();
+    E* yp = y.data_ptr<E>();
+    const int64_t s0 = gu.stride(0), s1 = gu.stride(1);
+    at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bt = begin; bt < end; ++bt) {
+        const E* g = gp + (bt / T) * s0 + (bt % T) * s1;
+        const E* u = g + I;
+        E* out = yp + bt * I;
+        int64_t j = 0;
+        for (; j + L <= I; j += L) {
+          const vf x = load(g + j);
+          const vf e = exp_nonpositive(x < 0 ? x : -x);
+          const vf sig = x < 0 ? e / (splat(1.0f) + e) : splat(1.0f) / (splat(1.0f) + e);
+          store(out + j, rounded(x * sig, E{}) * load(u + j));
+        }
+        for (; j < I; ++j) {
+          const float x = float(g[j]), e = std::exp(-std::fabs(x));
+          const float sig = x < 0 ? e / (1.0f + e) : 1.0f / (1.0f + e);
+          out[j] = E(float(E(x * sig)) * float(u[j]));
+        }
+      }
+    });
+  };
+  if (dt == at::kBFloat16) run(c10::BFloat16{});
+  else run(float{});
+  return y;
 }
 
 // RoPE on the q and k columns of a fused q|k|v projection output, k (transposed) and v written into
@@ -458,6 +593,7 @@ TORCH_LIBRARY(tidar_cpu, m) {
   m.def("lora_add_(Tensor(a!) out, Tensor down, Tensor up_t, int row_start, int[] col_bounds, int[] rank_bounds) -> ()");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor w, float eps) -> (Tensor, Tensor)");
+  m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("rope_cache_(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int offset, int n_head) -> Tensor");
 }
 
@@ -466,5 +602,6 @@ TORCH_LIBRARY_IMPL(tidar_cpu, CPU, m) {
   m.impl("lora_add_", &lora_add_);
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_mul", &silu_mul);
   m.impl("rope_cache_", &rope_cache_);
 }
