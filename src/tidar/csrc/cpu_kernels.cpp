@@ -47,25 +47,25 @@ inline vf load(const c10::BFloat16* p) {  // bf16 is the top half of a float32
   return v;
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-// float32 -> bfloat16, round to nearest even, NaN -> 0x7FC0: c10::BFloat16(float)'s bits, computed
-// a whole vector at a time (the scalar constructor's NaN branch keeps compilers from vectorizing it,
-// and at a decode step's few rows these conversions were a large share of the small kernels' time)
-inline void store(c10::BFloat16* p, vf v) {
+// float32 -> bfloat16 bits (in the low half of each lane), round to nearest even, NaN -> 0x7FC0:
+// c10::BFloat16(float)'s bits, a whole vector at a time (the scalar constructor's NaN branch keeps
+// compilers from vectorizing it, and at a decode step's few rows these conversions were a large
+// share of the small kernels' time)
+inline vu bf16_bits(vf v) {
   vu u;
   std::memcpy(&u, &v, sizeof u);
-  const vu rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
   const vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where v is NaN
-  const vh h = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), vh);
+  return (((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16) & ~nan) | (nan & 0x7FC0u);
+}
+inline void store(c10::BFloat16* p, vf v) {
+  const vh h = __builtin_convertvector(bf16_bits(v), vh);
   std::memcpy(p, &h, sizeof h);
 }
 
 // x rounded to T and back to float32: what T(x) then float(...) gives, one vector at a time
 inline vf rounded(vf x, float) { return x; }
 inline vf rounded(vf x, c10::BFloat16) {
-  vu u;
-  std::memcpy(&u, &x, sizeof u);
-  const vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);
-  u = (((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16) << 16 & ~nan) | (u & nan);
+  const vu u = bf16_bits(x) << 16;
   vf r;
   std::memcpy(&r, &u, sizeof r);
   return r;
@@ -340,21 +340,19 @@ inline void lora_block_dp(c10::BFloat16* op, const c10::BFloat16* dp, const c10:
   }
 }
 
+#endif
+
 template <int NV, typename T>
 inline void lora_block_any(T* op, const T* dp, const T* up, int64_t B, int64_t rows, int64_t row_start, int64_t r_lo,
                            int64_t r_hi, int64_t N, int64_t n0, int64_t os0, int64_t os1, int64_t ds0, int64_t ds1) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>)
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
     lora_block_dp<NV>(op, dp, up, B, rows, row_start, r_lo, r_hi, N, n0, os0, os1, ds0, ds1);
-  else
-    lora_block<T, NV>(op, dp, up, B, rows, row_start, r_lo, r_hi, N, n0, os0, os1, ds0, ds1);
-}
-#else
-template <int NV, typename T>
-inline void lora_block_any(T* op, const T* dp, const T* up, int64_t B, int64_t rows, int64_t row_start, int64_t r_lo,
-                           int64_t r_hi, int64_t N, int64_t n0, int64_t os0, int64_t os1, int64_t ds0, int64_t ds1) {
+    return;
+  }
+#endif
   lora_block<T, NV>(op, dp, up, B, rows, row_start, r_lo, r_hi, N, n0, os0, os1, ds0, ds1);
 }
-#endif
 
 template <typename T>
 void lora_add_impl(at::Tensor& out, const at::Tensor& down, const at::Tensor& up_t, int64_t row_start,
