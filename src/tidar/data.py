@@ -574,7 +574,7 @@ def code_prompts(tokenizer, source: str | Sequence[str] = "stdlib", *, exclude: 
             if text:
                 found.extend(_function_prompts(item_name, text))
     if not found:
-        raise DataError(f"source {source!r} has no Python functions with docstrings to make code prompts from")
+        raise DataError(f"{', '.join(specs)}: no Python functions with docstrings to make code prompts from")
     order = np.random.default_rng((seed, 1)).permutation(len(found)).tolist()
     chat = chat_every > 0 and bool(getattr(tokenizer, "chat_template", None))
     out = []
@@ -588,7 +588,7 @@ def code_prompts(tokenizer, source: str | Sequence[str] = "stdlib", *, exclude: 
         if 0 < len(ids) <= max_tokens:
             out.append((name, [int(t) for t in ids]))
     if not out:
-        raise DataError(f"no code prompt from {source!r} fits in {max_tokens} tokens; raise max_tokens")
+        raise DataError(f"no code prompt from {', '.join(specs)} fits in {max_tokens} tokens; raise max_tokens")
     if not 0 <= skip < len(out):
         raise DataError(f"cannot skip {skip} prompts: there are {len(out)} code prompts; pass 0 <= skip < {len(out)}")
     return out[skip:]
