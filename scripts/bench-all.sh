@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every measurement in the README's results section, in order. Run on an otherwise idle machine
-# (each report records the other processes' CPU share); takes about an hour on 2 cores.
+# (each report records the other processes' CPU share); takes about 80 minutes on 2 cores.
 # `bash scripts/bench-all.sh profile|humaneval|fp32|prose|compiled` runs one part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ if run humaneval; then  # all 164 prompts, every baseline in one process
     --no-progress | tee $R/humaneval-bf16.log
 fi
 if run fp32; then  # output equality where rounding cannot flip near-ties
-  $T bench --prompts humaneval --limit 20 --methods ar,tidar --max-new-tokens 128 --dtype float32 --threads 2 \
+  $T bench --prompts humaneval --methods ar,tidar --max-new-tokens 128 --dtype float32 --threads 2 \
     --json $R/humaneval-fp32.json --no-progress | tee $R/humaneval-fp32.log
 fi
 if run prose; then

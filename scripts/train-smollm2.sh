@@ -48,12 +48,17 @@ elif [ "$phase" = selfgen ] || [ "$phase" = selfgen-code ] || [ "$phase" = selfg
     [ -f data/selfgen-code/index.json ] || $TIDAR data generate --prompts code --shards data/shards \
       --out data/selfgen-code --samples 3200 --new-tokens 128 --batch-size 64 --no-progress
   fi
+  # TARGETS=self-kl distils AR's whole distribution instead of its argmax (run dir gets a -self-kl tag);
+  # STOP_AFTER=<steps> ends at a step count rather than a time, for equal-token comparisons.
   n="${3:-4}"
+  targets="${TARGETS:-self}"
   out="runs/smollm2-b4-$phase-$n"
+  [ "$targets" = self ] || out="runs/smollm2-b4-$phase-$targets-$n"
   mkdir -p "$out"
-  $TIDAR train --config configs/smollm2-adapter-b4.json targets=self init=src/tidar/assets/smollm2-tidar \
+  $TIDAR train --config configs/smollm2-adapter-b4.json targets=$targets init=src/tidar/assets/smollm2-tidar \
     data=data/$phase out_dir=$out seed=$((n - 1)) lr="${LR:-0.0006}" warmup_steps=10 max_steps="${MAX_STEPS:-500}" \
-    eval_at_start=true eval_batches=8 time_limit_min="${2:-85}" progress=false 2>&1 | tee -a "$out/train.log"
+    stop_after="${STOP_AFTER:-0}" eval_at_start=true eval_batches=8 time_limit_min="${2:-85}" progress=false \
+    2>&1 | tee -a "$out/train.log"
 else
   # phase = continue:<targets> <minutes>
   targets="${phase#continue:}"

@@ -141,10 +141,28 @@ def test_tidar_loss_definition() -> None:
     torch.testing.assert_close(out["diff_loss"], diff)
     torch.testing.assert_close(out["loss"], (2 * ar + diff) / 3)
     torch.testing.assert_close(out_self["diff_loss"], diff_self)
-    assert kl >= 0
+    log_p, log_q = F.log_softmax(clean[:, :-1], -1), F.log_softmax(mask[:, 1:], -1)
+    torch.testing.assert_close(kl, (log_p.exp() * (log_p - log_q)).sum(-1).mean())
     hit = (mask.argmax(-1) == x).float()
     torch.testing.assert_close(out["acc_data"], hit.view(2, 2, 4).mean((0, 1)))
     assert 1.0 <= float(out["accept_est"]) <= 4.0
+
+
+def test_self_kl_gradient_is_the_kl_gradient() -> None:
+    """The fused soft-target form trains exactly as the written-out KL(p_AR || q_diff) would."""
+    m = adapter_model()
+    x = torch.randint(0, 97, (2, 16))
+    attn, pos = tidar_training_mask(16, 4)
+    T.tidar_loss(m, x, 4, alpha=0.0, targets="self-kl")["loss"].backward(inputs=list(m.adapter_parameters()))
+    fused = [p.grad.clone() for p in m.adapter_parameters()]
+    m.zero_grad(set_to_none=True)
+    logits = m(torch.cat([x, torch.full_like(x, m.config.mask_token_id)], 1), pos[None], attn[None, None])
+    log_p = F.log_softmax(logits[:, :15].detach(), -1)
+    log_q = F.log_softmax(logits[:, 17:], -1)
+    (log_p.exp() * (log_p - log_q)).sum(-1).mean().backward(inputs=list(m.adapter_parameters()))
+    assert any(g.abs().sum() > 0 for g in fused)
+    for a, b in zip(fused, [p.grad for p in m.adapter_parameters()], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_adapter_ar_loss_equals_base_exactly() -> None:

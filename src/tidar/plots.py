@@ -201,11 +201,11 @@ def plot_metrics(metrics_jsonl_paths: Sequence[str | Path], out_png: str | Path)
             pts = [(r["tokens"], r[key]) for r in train if key in r]
             if pts:
                 ax_loss.plot([t for t, _ in pts], _ema([v for _, v in pts]), style, color=c, alpha=0.6, lw=1,
-                             label=f"{name} train {key[:-5]}")
+                             label=f"{name} train {key[:-5]}" + (" (its targets)" if key == "diff_loss" else ""))
             pts = [(r["tokens"], r["val_" + key]) for r in evals if "val_" + key in r]
             if pts:
                 ax_loss.plot([t for t, _ in pts], [v for _, v in pts], style, color=c, marker="o", ms=3, lw=2,
-                             label=f"{name} val {key[:-5]}")
+                             label=f"{name} val {key[:-5]}" + (" (vs data)" if key == "diff_loss" else ""))
         speed = [(r["step"], r["tokens_per_s"]) for r in train if "tokens_per_s" in r]
         if speed:
             ax_speed.plot([s for s, _ in speed], _ema([v for _, v in speed]), color=c, label=name)
@@ -237,7 +237,7 @@ def plot_metrics(metrics_jsonl_paths: Sequence[str | Path], out_png: str | Path)
                         label=f"{name} offset {j} (vs {vs})")
         n_offsets = max(n_offsets, len(last.get("val_acc_data", [])))
 
-    ax_loss.set(title="loss (train: EMA, val: markers)", xlabel="training tokens", ylabel="cross-entropy")
+    ax_loss.set(title="loss (train: EMA, val: markers)", xlabel="training tokens", ylabel="loss")
     ax_bar.set(title="draft accuracy by offset (last eval)", xlabel="offset in block", ylabel="accuracy",
                ylim=(0, 1))
     if n_offsets:
