@@ -1,6 +1,6 @@
 """What the `self-kl` diffusion loss costs per training step on SmolLM2's shapes, forward + backward of
 the loss alone (logits in, logit gradients out): the written-out KL(p_AR || q) that the seventh chunk's
-KL run trained with, the fused soft-target cross-entropy `tidar_loss` uses now, and the argmax
+KL run trained with, the fused soft-target cross-entropy `tidar_loss` uses now (`tidar.train.self_kl`), and the argmax
 cross-entropy of `self` for reference. Run on an idle machine; medians of --repeats.
 
     .venv/bin/python benchmarks/kl_loss_cost.py
@@ -15,15 +15,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from tidar.train import self_kl
+
 
 def written_out(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     log_q, log_p = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-
-
-def fused(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    p = F.softmax(teacher, -1)
-    return F.cross_entropy(student.flatten(0, 1), p.flatten(0, 1)) - torch.special.entr(p).sum(-1).mean()
 
 
 def argmax_ce(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -43,7 +40,7 @@ def main() -> None:
     teacher = torch.randn(a.batch, a.seq, a.vocab, generator=g) * 3
     base = torch.randn(a.batch, a.seq, a.vocab, generator=g) * 3
     results = {}
-    for name, fn in (("written-out KL", written_out), ("fused soft-target CE", fused), ("argmax CE (self)", argmax_ce)):
+    for name, fn in (("written-out KL", written_out), ("fused soft-target CE", self_kl), ("argmax CE (self)", argmax_ce)):
         times = []
         for _ in range(a.repeats):
             student = base.clone().requires_grad_(True)
@@ -55,7 +52,7 @@ def main() -> None:
     ref.backward()
     g_ref = base.grad.clone()
     base.grad = None
-    fused(base, teacher).backward()
+    self_kl(base, teacher).backward()
     print(f"logits {a.batch}x{a.seq}x{a.vocab} float32, {a.threads} threads, median of {a.repeats}")
     for name, t in results.items():
         print(f"{name:>22}: {t * 1000:8.1f} ms per step (forward + backward)")

@@ -100,6 +100,16 @@ def _by_offset(hit: torch.Tensor, positions: torch.Tensor, block_size: int) -> t
     return sums / counts.clamp_min(1)
 
 
+def self_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean KL(p_teacher || q_student) over positions, from logits (..., V); the teacher gets no gradient.
+
+    Computed as H(p, q) - H(p): soft-target cross-entropy has the written-out KL's gradient at ~80% of
+    its cost (benchmarks/kl_loss_cost.py), and the entropy term, gradient-free, makes the value the KL.
+    """
+    p = F.softmax(teacher.detach(), dim=-1)
+    return F.cross_entropy(student.flatten(0, -2), p.flatten(0, -2)) - torch.special.entr(p).sum(-1).mean()
+
+
 def tidar_loss(model: nn.Module, x: torch.Tensor, block_size: int, alpha: float = 1.0,
                targets: str = "data", cached_clean: bool | None = None) -> dict[str, torch.Tensor]:
     """TiDAR loss on clean tokens x (B, L): the input is [x | L x MASK] under `tidar_training_mask`.
@@ -146,12 +156,8 @@ def tidar_loss(model: nn.Module, x: torch.Tensor, block_size: int, alpha: float 
         diff = F.cross_entropy(mask_logits.flatten(0, 1), x.flatten())
     elif targets == "self":
         diff = F.cross_entropy(mask_logits[:, 1:].flatten(0, 1), ar_pred.flatten())
-    else:  # self-kl: KL(p_AR || q_diff) = H(p, q) - H(p), teacher detached
-        # Soft-target cross-entropy has the same gradient as the written-out KL at ~80% of its cost
-        # (benchmarks/kl_loss_cost.py); the entropy term carries no gradient and makes the value the KL.
-        p = F.softmax(ar_logits.detach(), dim=-1)
-        diff = F.cross_entropy(mask_logits[:, 1:].flatten(0, 1), p.flatten(0, 1))
-        diff = diff - torch.special.entr(p).sum(-1).mean()
+    else:
+        diff = self_kl(mask_logits[:, 1:], ar_logits.detach())
     loss = (alpha * ar + diff) / (1 + alpha)
 
     with torch.no_grad():
