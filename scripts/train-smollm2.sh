@@ -50,13 +50,17 @@ elif [ "$phase" = selfgen ] || [ "$phase" = selfgen-code ] || [ "$phase" = selfg
   fi
   # TARGETS=self-kl distils AR's whole distribution instead of its argmax (run dir gets a -self-kl tag);
   # STOP_AFTER=<steps> ends at a step count rather than a time, for equal-token comparisons.
+  # RANK=<r> widens the shipped rank-32 adapter to rank r first (same function at the start, alpha 2r
+  # keeps its scale; run dir gets an -r<r> tag): a capacity experiment.
   n="${3:-4}"
   targets="${TARGETS:-self}"
+  rank="${RANK:-32}"
   out="runs/smollm2-b4-$phase-$n"
   [ "$targets" = self ] || out="runs/smollm2-b4-$phase-$targets-$n"
+  [ "$rank" = 32 ] || out="$out-r$rank"
   mkdir -p "$out"
   $TIDAR train --config configs/smollm2-adapter-b4.json targets=$targets init=src/tidar/assets/smollm2-tidar \
-    data=data/$phase out_dir=$out seed=$((n - 1)) lr="${LR:-0.0006}" warmup_steps=10 max_steps="${MAX_STEPS:-500}" \
+    data=data/$phase adapter_rank="$rank" adapter_alpha=$((2 * rank)) out_dir=$out seed=$((n - 1)) lr="${LR:-0.0006}" warmup_steps=10 max_steps="${MAX_STEPS:-500}" \
     stop_after="${STOP_AFTER:-0}" eval_at_start=true eval_batches=8 time_limit_min="${2:-85}" progress=false \
     2>&1 | tee -a "$out/train.log"
 else

@@ -388,3 +388,24 @@ def test_export_of_a_continued_run_records_the_lineage(tmp_path: Path, shards: P
     m3 = export(Path(second.out_dir), shipped, {"block_size": 2})  # re-export, e.g. a new operating point
     assert m3["lineage"] == m2["lineage"] and m3["tokens_total"] == m2["tokens_total"]
     assert load_model(shipped).has_adapter
+
+
+def test_grown_adapter_computes_the_same_and_trains_from_a_narrower_one(tmp_path: Path, shards: Path,
+                                                                        base_dir: Path) -> None:
+    m = adapter_model()
+    x = torch.randint(0, tiny_config().vocab_size - 1, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = T.tidar_loss(m, x, 4)
+        m.grow_adapter(rank=12, alpha=6.0)  # another alpha/rank: B is rescaled
+        after = T.tidar_loss(m, x, 4)
+    assert m.config.adapter.rank == 12 and m.layers[0].self_attn.q_proj.lora_a.shape[0] == 12
+    torch.testing.assert_close(after["diff_loss"], before["diff_loss"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="rank <= 2"):
+        m.grow_adapter(rank=2, alpha=4.0)
+    # the trainer widens an adapter it is initialised from when only adapter_rank grows
+    kw = dict(mode="adapter", adapter_alpha=8.0, max_steps=1, eval_every=0, save_every=1)
+    T.train(cfg_for(tmp_path / "a", shards, init=str(base_dir), adapter_rank=4, **kw))
+    res = T.train(cfg_for(tmp_path / "b", shards, init=str(tmp_path / "a" / "run" / "model"), adapter_rank=8, **kw))
+    assert load_model(Path(res["out_dir"]) / "model").config.adapter.rank == 8
+    with pytest.raises(T.TrainConfigError, match="raise only adapter_rank"):
+        T.train(cfg_for(tmp_path / "c", shards, init=str(tmp_path / "a" / "run" / "model"), adapter_rank=2, **kw))

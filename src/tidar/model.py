@@ -97,6 +97,16 @@ class Linear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.lora_scale = alpha / rank
 
+    @torch.no_grad()
+    def grow_adapter(self, rank: int, alpha: float) -> None:
+        """Widen the LoRA branch to `rank` without changing what it computes: the new A rows start
+        random and the new B columns at zero, and B is rescaled for the new alpha/rank."""
+        old_a, old_b, old_scale = self.lora_a.data, self.lora_b.data, self.lora_scale
+        self.add_adapter(rank, alpha)
+        self.lora_a.data[: old_a.shape[0]] = old_a
+        self.lora_b.data[:, : old_b.shape[1]] = old_b * (old_scale / self.lora_scale)
+        self.lora_a.data, self.lora_b.data = (self.lora_a.data.to(old_a), self.lora_b.data.to(old_b))
+
     def forward(self, x: torch.Tensor, mask_rows: MaskRows = None) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         if mask_rows is None or not hasattr(self, "lora_a"):
@@ -436,6 +446,16 @@ class Transformer(nn.Module):
                 if isinstance(mod, Linear) and name.split(".")[-1] in adapter.targets and not hasattr(mod, "lora_a"):
                     mod.add_adapter(adapter.rank, adapter.alpha)
                     mod.to(device=mod.weight.device)
+
+    def grow_adapter(self, rank: int, alpha: float) -> None:
+        """Widen every LoRA branch to `rank` (a trained adapter, more capacity, same function at the start)."""
+        have = self.config.adapter
+        if have is None or rank < have.rank:
+            raise ValueError(f"grow_adapter needs an adapter of rank <= {rank}, got {have and have.rank}")
+        for mod in self.modules():
+            if isinstance(mod, Linear) and hasattr(mod, "lora_a"):
+                mod.grow_adapter(rank, alpha)
+        have.rank, have.alpha = rank, alpha
 
     @torch.no_grad()
     def fuse_for_inference(self, pack: bool = True, use_kernels: bool = True) -> Transformer:

@@ -487,11 +487,16 @@ def _build_model(cfg: TrainConfig, checkpoint: Path | None) -> Transformer:
         want = _adapter_config(cfg, n_layers)
         if model.has_adapter:
             have = model.config.adapter
-            if (have.rank, have.alpha, tuple(have.targets), have.layers) != (want.rank, want.alpha, want.targets,
-                                                                               want.layers):
+            if checkpoint is None and want.rank > have.rank and (tuple(have.targets), have.layers) == (
+                    want.targets, want.layers):
+                # a wider adapter continues from the narrower one's function (capacity experiments)
+                model.grow_adapter(want.rank, want.alpha)
+            elif (have.rank, have.alpha, tuple(have.targets), have.layers) != (want.rank, want.alpha, want.targets,
+                                                                                 want.layers):
                 raise TrainConfigError(
                     f"init {cfg.init} already has an adapter (rank {have.rank}, alpha {have.alpha}, targets "
-                    f"{list(have.targets)}, layers {have.layers}) that differs from the config's; match them")
+                    f"{list(have.targets)}, layers {have.layers}) that differs from the config's; match them "
+                    "(or raise only adapter_rank: the adapter is then widened)")
         else:
             model.add_adapter(want)
     elif model.has_adapter:
