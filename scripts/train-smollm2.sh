@@ -50,11 +50,11 @@ elif [ "$phase" = selfgen ] || [ "$phase" = selfgen-code ] || [ "$phase" = selfg
   fi
   # TARGETS=self-kl distils AR's whole distribution instead of its argmax (run dir gets a -self-kl tag);
   # STOP_AFTER=<steps> ends at a step count rather than a time, for equal-token comparisons.
-  # RANK=<r> widens the shipped rank-32 adapter to rank r first (same function at the start, alpha 2r
+  # ADAPTER_RANK=<r> widens the shipped rank-32 adapter to rank r first (same function at the start, alpha 2r
   # keeps its scale; run dir gets an -r<r> tag): a capacity experiment.
   n="${3:-4}"
   targets="${TARGETS:-self}"
-  rank="${RANK:-32}"
+  rank="${ADAPTER_RANK:-32}"
   out="runs/smollm2-b4-$phase-$n"
   [ "$targets" = self ] || out="runs/smollm2-b4-$phase-$targets-$n"
   [ "$rank" = 32 ] || out="$out-r$rank"

@@ -409,3 +409,18 @@ def test_grown_adapter_computes_the_same_and_trains_from_a_narrower_one(tmp_path
     assert load_model(Path(res["out_dir"]) / "model").config.adapter.rank == 8
     with pytest.raises(T.TrainConfigError, match="raise only adapter_rank"):
         T.train(cfg_for(tmp_path / "c", shards, init=str(tmp_path / "a" / "run" / "model"), adapter_rank=2, **kw))
+
+
+def test_a_stray_rank_variable_is_refused_not_run_silently(tmp_path: Path, monkeypatch, capsys) -> None:
+    # RANK is torch.distributed's; outside torchrun it would make this a non-main rank that writes nothing
+    monkeypatch.setenv("RANK", "64")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert T.main([f"out_dir={tmp_path / 'x'}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: environment RANK=64, WORLD_SIZE=1") and "unset RANK" in err
+    monkeypatch.setenv("RANK", "zero")
+    assert T.main([f"out_dir={tmp_path / 'x'}", "--dry-run"]) == 2
+    assert "must be integers" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert T._dist_from_env() == T._Dist(1, 2, 0)

@@ -355,9 +355,18 @@ class _Dist:
 
 
 def _dist_from_env() -> _Dist:
-    # torchrun sets these; a plain `python` run has none.
-    return _Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                 int(os.environ.get("LOCAL_RANK", 0)))
+    # torchrun sets these; a plain `python` run has none. A stray RANK (a common shell variable name)
+    # would make this process a non-main rank that trains but writes nothing, so it is checked.
+    try:
+        d = _Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                  int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as e:
+        raise TrainConfigError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({e})") from None
+    if not (d.world_size >= 1 and 0 <= d.rank < d.world_size and d.local_rank >= 0):
+        raise TrainConfigError(
+            f"environment RANK={d.rank}, WORLD_SIZE={d.world_size}: these are torch.distributed's launch "
+            "variables (torchrun sets them); unset RANK for a single-process run, or launch with torchrun")
+    return d
 
 
 def _check_config(cfg: TrainConfig) -> list[str]:
@@ -1005,8 +1014,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tidar.data import DataError
     from tidar.weights import WeightsError
 
-    dist_ = _dist_from_env()
+    dist_ = _Dist()  # the main process until the environment says otherwise: a bad one is reported
     try:
+        dist_ = _dist_from_env()
         cfg = TrainConfig.load(args.config, [*args.set, *args.overrides])
         if args.dry_run:
             setup = prepare(cfg, True if args.resume else None)
