@@ -1,7 +1,8 @@
-"""Where a TiDAR step's [MASK] rows cost time: one forward of --rows new tokens after a cached
-prefix, as a TiDAR step (a draft token, then [MASK] rows, so the adapter runs) and as a plain
-verification step of the same size (no adapter work), timed interleaved (medians), then both under
-torch.profiler, listing the ops whose self time per forward differs. Run on an idle machine.
+"""Where a TiDAR step's [MASK] rows cost time: one engine forward of --rows new tokens after a
+cached prefix, as a TiDAR step (a draft token, then [MASK] rows, so the adapter runs) and as a plain
+verification step of the same size (no adapter work), timed interleaved as `tidar profile` times
+them (`tidar.profile.latency_profiles`, medians), then both under torch.profiler (taking turns), listing the ops
+whose self time per forward differs. Run on an idle machine.
 
     .venv/bin/python benchmarks/mask_row_cost.py --models default,out/candidate-r64
 """
@@ -9,44 +10,32 @@ torch.profiler, listing the ops whose self time per forward differs. Run on an i
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tidar.masks import causal_mask, with_prefix
-from tidar.model import KVCache, Transformer
+from tidar.profile import forward_steps, latency_profiles
 from tidar.weights import load_model
 
 
-def steps(model: Transformer, prefix: int, rows: int) -> dict[str, Callable[[], torch.Tensor]]:
-    """The two forwards, on one cache holding `prefix` random tokens; both write the same slots after it."""
-    cache = KVCache(model.config, 1, prefix + rows, torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size - 1
-    ids = torch.randint(0, vocab, (1, prefix), generator=g)
-    model(ids, torch.arange(prefix)[None], causal_mask(prefix), cache=cache, offset=0, return_hidden=True)
-    cache.valid[:, :prefix] = True
-    cache.truncate(prefix)
-    pos = torch.arange(prefix, prefix + rows)[None]
-    mask = with_prefix(causal_mask(rows), cache.valid[:, :prefix])
-    plain = torch.randint(0, vocab, (1, rows), generator=g)
-    tidar = plain.clone()
-    tidar[:, 1:] = model.config.mask_token_id
-    return {name: (lambda x=x: model(x, pos, mask, cache=cache, offset=prefix, return_hidden=True))
-            for name, x in (("tidar", tidar), ("plain", plain))}
-
-
-def op_times(fn: Callable[[], torch.Tensor], n: int) -> dict[str, float]:
-    """Self CPU milliseconds per call of fn, by op."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(n):
-            fn()
-    return {e.key: e.self_cpu_time_total / 1e3 / n for e in prof.key_averages()}
+def op_times(fns: dict[str, Callable[[], None]], n: int, chunk: int = 5) -> dict[str, dict[str, float]]:
+    """Self CPU milliseconds per call of each fn, by op: profiled `chunk` calls at a time, taking
+    turns, so a drift of the machine hits every fn alike."""
+    totals: dict[str, dict[str, float]] = {k: {} for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up: a fresh cache's first write allocates
+    for _ in range(max(1, n // chunk)):
+        for k, fn in fns.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(chunk):
+                    fn()
+            for e in prof.key_averages():
+                totals[k][e.key] = totals[k].get(e.key, 0.0) + e.self_cpu_time_total / 1e3
+    calls = max(1, n // chunk) * chunk
+    return {k: {op: t / calls for op, t in ops.items()} for k, ops in totals.items()}
 
 
 def main() -> None:
@@ -67,17 +56,11 @@ def main() -> None:
     for name in names:
         model = load_model(None if name == "default" else name, dtype=torch.bfloat16).fuse_for_inference()
         rank = model.config.adapter.rank if model.has_adapter else 0
+        prof = latency_profiles(model, [a.rows], a.prefix, a.repeats)  # interleaved, medians
+        med = {"tidar": prof[True][a.rows] * 1e3, "plain": prof[False][a.rows] * 1e3}
         with torch.inference_mode():
-            fns = steps(model, a.prefix, a.rows)
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            for r in range(a.repeats + 3):  # 3 warm-up rounds
-                for k, fn in fns.items():
-                    t = time.perf_counter()
-                    fn()
-                    if r >= 3:
-                        times[k].append(time.perf_counter() - t)
-            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            ops = {k: op_times(fn, a.repeats) for k, fn in fns.items()}
+            fns = forward_steps(model, [a.rows], a.prefix)
+            ops = op_times({"tidar": fns[(True, a.rows)], "plain": fns[(False, a.rows)]}, a.repeats)
         print(f"{name} (adapter rank {rank}), {a.rows} new rows after {a.prefix} cached, {a.threads} threads, bf16:")
         print(f"  forward: plain {med['plain']:.2f} ms, with [MASK] rows {med['tidar']:.2f} ms "
               f"(+{med['tidar'] - med['plain']:.2f} ms, x{med['tidar'] / med['plain']:.3f})")

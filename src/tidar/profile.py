@@ -6,11 +6,12 @@ not a constant."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,42 +21,57 @@ from tidar.masks import causal_mask, with_prefix
 from tidar.model import KVCache, Transformer
 
 
-@torch.inference_mode()
-def latency_profiles(model: Transformer, tokens: Sequence[int], prefix: int = 256, repeats: int = 5,
-                     masks: Sequence[bool] = (True, False)) -> dict[bool, dict[int, float]]:
-    """Median seconds of one forward over T new tokens after a `prefix`-token cache, for each T in
-    `tokens`, with [MASK] rows (True) and without (False).
+def forward_steps(model: Transformer, tokens: Sequence[int], prefix: int = 256,
+                  masks: Sequence[bool] = (True, False)) -> dict[tuple[bool, int], Callable[[], None]]:
+    """One engine forward per (with [MASK] rows, T new tokens) after a `prefix`-token cache, as
+    closures to call under `torch.inference_mode()` (see `latency_profiles`).
 
-    With masks, a multi-token forward is timed as a TiDAR step: its first token is a draft and the
-    rest are [MASK] tokens, so the adapter's work (mostly a fixed cost per call here, whatever the
-    number of mask rows) is in every such step. Without, it is a plain verification step (an AR
-    step, or a lookup span checked without pre-drafting). Every shape is timed once per round,
-    round after round, so a slow drift of the machine hits all shapes alike.
+    With masks, a multi-token forward is a TiDAR step: its first token is a draft and the rest are
+    [MASK] tokens, so the adapter's work is in every such step. Without, it is a plain verification
+    step (an AR step, or a lookup span checked without pre-drafting).
     """
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config, 1, prefix + max(tokens), dtype)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, prefix), generator=g)
-    model(ids, torch.arange(prefix)[None], causal_mask(prefix), cache=cache, offset=0, return_hidden=True)
+    with torch.inference_mode():
+        model(ids, torch.arange(prefix)[None], causal_mask(prefix), cache=cache, offset=0, return_hidden=True)
     cache.valid[:, :prefix] = True
     cache.truncate(prefix)
-    steps = []
+
+    def step(new: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> None:
+        # every step writes the same cache slots after the prefix, and attends to no stale ones
+        h = model(new, pos, mask, cache=cache, offset=prefix, return_hidden=True)
+        model.head(h[:, :FREE_ROWS])  # the engine scores every row of a step up to FREE_ROWS
+
+    steps = {}
     for with_masks in masks:
         for n in tokens:
             new = torch.randint(0, model.config.vocab_size, (1, n), generator=g)
             if with_masks:
                 new[:, 1:] = model.config.mask_token_id
             pos = torch.arange(prefix, prefix + n)[None]
-            steps.append((with_masks, n, new, pos, with_prefix(causal_mask(n), cache.valid[:, :prefix])))
-    times: dict[tuple[bool, int], list[float]] = {(m, n): [] for m, n, *_ in steps}
+            mask = with_prefix(causal_mask(n), cache.valid[:, :prefix])
+            steps[(with_masks, n)] = functools.partial(step, new, pos, mask)
+    return steps
+
+
+@torch.inference_mode()
+def latency_profiles(model: Transformer, tokens: Sequence[int], prefix: int = 256, repeats: int = 5,
+                     masks: Sequence[bool] = (True, False)) -> dict[bool, dict[int, float]]:
+    """Median seconds of one forward over T new tokens after a `prefix`-token cache, for each T in
+    `tokens`, with [MASK] rows (True) and without (False) (`forward_steps`; with masks the adapter's
+    work is mostly a fixed cost per call here, whatever the number of mask rows). Every shape is
+    timed once per round, round after round, so a slow drift of the machine hits all shapes alike.
+    """
+    steps = forward_steps(model, tokens, prefix, masks)
+    times: dict[tuple[bool, int], list[float]] = {key: [] for key in steps}
     for r in range(repeats + 1):  # round 0 warms up allocators and kernels
-        for with_masks, n, new, pos, mask in steps:
+        for key, step in steps.items():
             t = time.perf_counter()
-            # every step writes the same cache slots after the prefix, and attends to no stale ones
-            h = model(new, pos, mask, cache=cache, offset=prefix, return_hidden=True)
-            model.head(h[:, :FREE_ROWS])  # the engine scores every row of a step up to FREE_ROWS
+            step()
             if r:
-                times[(with_masks, n)].append(time.perf_counter() - t)
+                times[key].append(time.perf_counter() - t)
     return {m: {n: statistics.median(times[(m, n)]) for n in tokens} for m in masks}
 
 
