@@ -1,14 +1,16 @@
-"""Would drafts retrieved from the training corpus (REST-style n-gram datastore) beat the diffusion
-block where prompt lookup finds nothing? An offline measurement, no engine change.
+"""How good are datastore drafts where prompt lookup finds nothing? An offline measurement, no engine.
 
 For each position of AR's greedy output on HumanEval prompts, with the token at that position
 known (TiDAR's bonus token), it asks: does prompt lookup (the engine's `lookup_ngram=2`) find a
-span in the context? Where it does not, the datastore's draft is the continuation of the context's
-last n tokens in `data/shards/train.bin` (among up to 2000 occurrences, one whose next token is
-the most frequent), and we count how many of its first 8 tokens match AR's output. Compare the
-mean with `benchmarks/draft_oracle.py`'s diffusion figure for the steps without a lookup span.
+span in the context? Where it does not, it takes the draft of a `tidar.datastore.Datastore` built
+from either the training corpus (`--data`: shard dirs' train.bin, REST-style retrieval) or the
+model's own greedy continuations (`--generated`: `tidar data generate` dirs, as shipped), and counts
+how many of its tokens AR's output confirms, and how long the draft was (rows a step must verify).
+Compare with `benchmarks/draft_oracle.py`'s diffusion figure for the steps without a lookup span.
 
-    .venv/bin/python benchmarks/datastore_drafts.py --limit 20
+    .venv/bin/python benchmarks/datastore_drafts.py --limit 20 --data data/shards --settings 8:0
+    .venv/bin/python benchmarks/datastore_drafts.py --limit 40 \
+        --generated data/selfgen,data/selfgen-code,data/selfgen-code2,data/selfgen-pkgs --settings 4:0,16:0,16:0.2,16:0.1
 """
 
 from __future__ import annotations
@@ -19,18 +21,9 @@ import numpy as np
 
 from tidar.bench import load_prompts
 from tidar.data import TokenShards
+from tidar.datastore import Datastore, from_generated
 from tidar.decoding import Decoder
 from tidar.runtime import Runtime
-
-DRAFT = 8
-
-
-def ngram_keys(tokens: np.ndarray, n: int, base: int) -> np.ndarray:
-    """One int64 per n-gram (exact for base**n < 2**63, i.e. n <= 4 for a 49K vocabulary)."""
-    keys = np.zeros(len(tokens) - n + 1, dtype=np.int64)
-    for i in range(n):
-        keys = keys * base + tokens[i:len(tokens) - n + 1 + i]
-    return keys
 
 
 def has_lookup_span(ctx: list[int], n: int = 2) -> bool:
@@ -40,60 +33,55 @@ def has_lookup_span(ctx: list[int], n: int = 2) -> bool:
     return any(ctx[j:j + n] == key for j in range(len(ctx) - n))
 
 
+def confirmed(draft: list[int], future: list[int]) -> int:
+    m = 0
+    while m < min(len(draft), len(future)) and draft[m] == future[m]:
+        m += 1
+    return m
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--data", default="data/shards")
-    p.add_argument("--orders", default="3,4", help="datastore n-gram orders to try")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="shard dirs whose train.bin form the datastore (comma-separated)")
+    src.add_argument("--generated", help="`tidar data generate` dirs whose completions form it (comma-separated)")
+    p.add_argument("--orders", default="4,3,2", help="datastore n-gram orders")
+    p.add_argument("--settings", default="16:0,16:0.1",
+                   help="comma-separated tokens:confidence pairs (datastore_tokens, datastore_confidence)")
     args = p.parse_args()
-    shards = TokenShards(args.data)
-    tokens = np.fromfile(shards.path / "train.bin", dtype=shards.dtype).astype(np.int64)
+    if args.data:
+        seqs = []
+        for d in args.data.split(","):
+            shards = TokenShards(d)
+            seqs.append(np.fromfile(shards.path / "train.bin", dtype=shards.dtype).astype(np.int64))
+    else:
+        seqs, _ = from_generated(args.generated.split(","))
     rt = Runtime.load(None, dtype="bfloat16")
-    base = int(tokens.max()) + 1
-    orders = [int(x) for x in args.orders.split(",")]
-    index = {}
-    for n in orders:
-        keys = ngram_keys(tokens, n, base)[:-1]  # every key keeps at least one next token
-        order = np.argsort(keys, kind="stable")
-        index[n] = (keys[order], order)
-    with_span = without = 0
-    hits = dict.fromkeys(orders, 0)
-    matched = dict.fromkeys(orders, 0)
-    for prompt in load_prompts("humaneval", args.limit, args.data):
+    ds = Datastore(seqs, rt.model.config.vocab_size, [int(x) for x in args.orders.split(",")])
+    print(f"datastore: {len(ds):,} tokens from {args.data or args.generated}, orders {list(ds.orders)}")
+    settings = [(int(t), float(c)) for t, c in (x.split(":") for x in args.settings.split(","))]
+    longest = max(t for t, _ in settings)
+    positions = []  # (context, AR's next tokens) where prompt lookup has no span
+    with_span = 0
+    for prompt in load_prompts("humaneval", args.limit, "data/shards"):
         ids = rt.encode(prompt.text, chat=prompt.chat)
         dec = Decoder(rt.model, rt.generation_config(None, max_new_tokens=128, mode="ar"))
         seq = list(ids) + [t for out in dec.stream([ids]) for t in out[0]]
         for t in range(len(ids), len(seq) - 1):
-            ctx, future = seq[:t + 1], seq[t + 1:t + 1 + DRAFT]
+            ctx = seq[:t + 1]
             if has_lookup_span(ctx):
                 with_span += 1
-                continue
-            without += 1
-            for n in orders:
-                if max(ctx[-n:]) >= base:
-                    continue
-                key = 0
-                for v in ctx[-n:]:
-                    key = key * base + v
-                keys, order = index[n]
-                lo, hi = np.searchsorted(keys, key), np.searchsorted(keys, key, side="right")
-                if hi == lo:
-                    continue
-                hits[n] += 1
-                occ = order[lo:min(hi, lo + 2000)]
-                nxt = tokens[occ + n]
-                values, counts = np.unique(nxt, return_counts=True)
-                start = occ[nxt == values[counts.argmax()]][0] + n
-                draft = tokens[start:start + DRAFT].tolist()
-                m = 0
-                while m < len(future) and draft[m] == future[m]:
-                    m += 1
-                matched[n] += m
+            else:
+                positions.append((ctx, seq[t + 1:t + 1 + longest]))
+    n = max(len(positions), 1)
     print(f"{args.limit} HumanEval prompts, AR greedy bf16: {with_span} positions with a prompt-lookup span, "
-          f"{without} without")
-    for n in orders:
-        print(f"datastore n={n}: a draft at {hits[n]}/{without} span-less positions, {matched[n] / max(hits[n], 1):.2f} "
-              f"tokens accepted per draft, {matched[n] / max(without, 1):.2f} per span-less position")
+          f"{len(positions)} without")
+    for tokens, conf in settings:
+        drafts = [ds.draft(ctx, tokens, conf) for ctx, _ in positions]
+        ok = sum(confirmed(d, f) for d, (_, f) in zip(drafts, positions, strict=True))
+        print(f"tokens {tokens:>2}, confidence {conf:.2f}: a draft at {sum(map(bool, drafts))}/{len(positions)}, "
+              f"{ok / n:.2f} tokens confirmed and {sum(map(len, drafts)) / n:.2f} drafted per span-less position")
 
 
 if __name__ == "__main__":

@@ -269,13 +269,19 @@ def test_span_steps_skip_predraft_only_when_every_sequence_has_a_span():
     model = tiny_model(seed=0)
     dec = Decoder(model, GenerationConfig(block_size=3, policy="full", lookup_ngram=2, lookup_tokens=8))
     dec.done = [False, False]
+    dec.draft_source = ["lookup", "lookup"]
     dec.span_lengths = [9, 5]
     assert dec.predraft_lengths(9) == ()
     dec.span_lengths = [9, 3]  # the second sequence has a diffusion draft: it needs its blocks
+    dec.draft_source = ["lookup", "diffusion"]
     assert dec.predraft_lengths(9) == (1, 3, 9)
+    dec.draft_source = ["lookup", "datastore"]  # ...but a short datastore draft is a span
+    assert dec.predraft_lengths(9) == ()
+    dec.draft_source = ["lookup", "diffusion"]
     dec.done = [False, True]  # ...unless it has finished
     assert dec.predraft_lengths(9) == ()
     dec.span_lengths = [1, 1]  # after a step without blocks: the bonus token alone
+    dec.draft_source = ["none", "none"]
     assert dec.predraft_lengths(1) == (1,)
     dec.cfg.span_predraft = True
     dec.span_lengths = [9, 9]

@@ -24,6 +24,19 @@ def test_manifest_matches_the_weights_file():
     assert resolve_model_path(None) == SHIPPED_MODEL  # the default model
 
 
+def test_manifest_matches_the_datastore_file():
+    from tidar.datastore import DATASTORE_FILE, Datastore
+
+    m = manifest()
+    rec = m["datastore"]
+    assert rec["file"] == DATASTORE_FILE and rec["sha256"] == file_sha256(SHIPPED_MODEL / DATASTORE_FILE)
+    ds = Datastore.load(SHIPPED_MODEL)
+    assert len(ds) == rec["tokens"] == sum(s["tokens"] for s in rec["sources"])
+    assert ds.sequences == rec["sequences"] and list(ds.orders) == rec["orders"]
+    assert m["operating_point"]["datastore_tokens"] > 0
+    assert (SHIPPED_MODEL / DATASTORE_FILE).stat().st_size + (SHIPPED_MODEL / ADAPTER_FILE).stat().st_size < 50 * 2**20
+
+
 @pytest.mark.slow
 def test_shipped_model_is_lossless_on_smollm2():
     from tidar.runtime import Runtime
@@ -35,6 +48,7 @@ def test_shipped_model_is_lossless_on_smollm2():
     with torch.no_grad():  # adapter mode: AR logits are the base model's, bit for bit
         assert torch.equal(shipped(ids, torch.arange(n)[None], causal_mask(n)), base(ids, torch.arange(n)[None], causal_mask(n)))
     rt = Runtime.load(None, dtype="float32")
+    assert rt.datastore is not None and rt.generation_config().datastore_tokens > 0
     for prompt in ("def is_even(n):\n", "The river flows"):
         ti = rt.generate_text(prompt, rt.generation_config(max_new_tokens=48))
         ar = rt.generate_text(prompt, rt.generation_config(mode="ar", max_new_tokens=48))

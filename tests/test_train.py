@@ -385,8 +385,14 @@ def test_export_of_a_continued_run_records_the_lineage(tmp_path: Path, shards: P
     assert m2["lineage"][-1]["data"] == ["generated"] and m2["lineage"][0]["data"] == ["corpus"]
     assert m2["data"] == {"sources": ["generated"]}
     assert m2["tokens_total"] == 2 * m1["tokens"]
+    # a datastore built into the shipped directory survives a re-export, with its record
+    from tidar.datastore import Datastore
+
+    Datastore([[1, 2, 3]], vocab_size=97).save(shipped)
+    (shipped / "tidar.json").write_text(json.dumps({**m2, "datastore": {"tokens": 3}}))
     m3 = export(Path(second.out_dir), shipped, {"block_size": 2})  # re-export, e.g. a new operating point
     assert m3["lineage"] == m2["lineage"] and m3["tokens_total"] == m2["tokens_total"]
+    assert m3["datastore"] == {"tokens": 3} and Datastore.load(shipped).draft([1, 2], 1) == [3]
     assert load_model(shipped).has_adapter
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("ar", "tidar", "diffusion", "spec", "hf", "hf-lookup", "llamacpp", "llamacpp-lookup")
+METHODS = ("ar", "tidar", "tidar-no-datastore", "diffusion", "spec", "hf", "hf-lookup", "llamacpp", "llamacpp-lookup")
 ENGINE_METHODS = ("ar", "tidar")
 SOURCES = ("humaneval", "prose")
 LOOKUP_TOKENS = 10
@@ -58,6 +58,7 @@ class Run:
     decode_tokens: int | None = None  # tokens emitted by those forwards
     acceptance_histogram: list[int] | None = None  # counts of acceptance lengths 1..b
     query_tokens: int | None = None  # new tokens fed to those forwards (our engine only)
+    accepted_drafts: dict[str, int] | None = None  # draft tokens accepted, by draft source (our engine only)
 
 
 # (prompt ids, max_new_tokens, stop strings) -> Run
@@ -74,6 +75,8 @@ class BenchOptions:
     policy_k: int | None = None
     lookup_ngram: int | None = None  # tidar: merge prompt-lookup drafts (None = the operating point's)
     tidar_lookup_tokens: int | None = None  # tidar: longest prompt-lookup draft after the bonus (None = op point's)
+    datastore_tokens: int | None = None  # tidar: longest datastore draft (None = op point's, 0 = off)
+    datastore_confidence: float | None = None  # tidar: where datastore drafts are cut (None = op point's)
     draft_model: str | None = None
     draft_layers: int | None = None  # spec: draft = the target's first N layers (when no --draft-model)
     threshold: float = 0.9
@@ -83,7 +86,7 @@ class BenchOptions:
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("block_size", "policy", "policy_k", "lookup_ngram", "draft_model",
                                               "draft_layers", "threshold", "gamma", "lookup_tokens",
-                                              "tidar_lookup_tokens")}
+                                              "tidar_lookup_tokens", "datastore_tokens", "datastore_confidence")}
 
 
 @dataclass
@@ -285,7 +288,8 @@ def run_from_output(out: Any, wall_s: float) -> Run:
     dropped = max(st.generated_tokens - len(toks), 0)  # emitted by the last step past a stop string
     decode = st.step_tokens if st.step_tokens else max(len(toks) - 1, 0)
     hist = list(st.acceptance_histogram) if st.acceptance_histogram else None
-    return Run(toks, wall_s, st.forwards, max(decode - dropped, 0), hist, st.query_tokens)
+    return Run(toks, wall_s, st.forwards, max(decode - dropped, 0), hist, st.query_tokens,
+               dict(getattr(st, "accepted_drafts", {})) or None)
 
 
 class EngineRunner:
@@ -306,7 +310,7 @@ class EngineRunner:
         on_tokens = _stopper(self.runtime.tokenizer, stop) if self.streams_stop else None
         t0 = time.perf_counter()
         if self.fn is None:
-            out = generate(self.runtime.model, [ids], cfg, on_tokens=on_tokens)
+            out = generate(self.runtime.model, [ids], cfg, on_tokens=on_tokens, datastore=self.runtime.datastore)
         else:
             out = self.fn(self.runtime.model, [ids], cfg, on_tokens)
         wall = time.perf_counter() - t0
@@ -445,13 +449,16 @@ def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_
     import torch
 
     engine: dict[str, Any] = {"block_size": opts.block_size, "policy": opts.policy, "policy_k": opts.policy_k,
-                              "lookup_ngram": opts.lookup_ngram, "lookup_tokens": opts.tidar_lookup_tokens}
+                              "lookup_ngram": opts.lookup_ngram, "lookup_tokens": opts.tidar_lookup_tokens,
+                              "datastore_tokens": opts.datastore_tokens, "datastore_confidence": opts.datastore_confidence}
     runners: dict[str, Runner] = {}
     for m in methods:
         if m == "ar":  # plain AR: no prompt-lookup bookkeeping even if the operating point has it
             runners[m] = EngineRunner(runtime, {"mode": "ar", "lookup_ngram": 0})
         elif m == "tidar":
             runners[m] = EngineRunner(runtime, {"mode": "tidar", **engine})
+        elif m == "tidar-no-datastore":  # the same without the datastore's drafts, to show their share
+            runners[m] = EngineRunner(runtime, {"mode": "tidar", **engine, "datastore_tokens": 0})
         elif m == "diffusion":
             fn = baseline_function("diffusion_generate")
             runners[m] = EngineRunner(
@@ -543,6 +550,12 @@ def summarize(runs: dict[str, list[Run]], prompts: Sequence[Sequence[int]], max_
                     hist[i] += c
         n_acc = sum(hist) if hist else 0
         rows = sum(r.query_tokens or 0 for r in rs) if all(r.query_tokens is not None for r in rs) else None
+        by_source: dict[str, int] | None = None
+        if any(r.accepted_drafts for r in rs):
+            by_source = {}
+            for r in rs:
+                for k, v in (r.accepted_drafts or {}).items():
+                    by_source[k] = by_source.get(k, 0) + v
         entry: dict[str, Any] = {
             "tokens_per_s": round(gen / wall, 3) if wall > 0 else None,
             "tokens_per_forward": round(decode / forwards, 4) if forwards else None,
@@ -551,6 +564,7 @@ def summarize(runs: dict[str, list[Run]], prompts: Sequence[Sequence[int]], max_
             "matches_ar": None,
             "mean_acceptance": round(sum((i + 1) * c for i, c in enumerate(hist)) / n_acc, 4) if n_acc else None,
             "acceptance_histogram": hist,
+            "accepted_drafts": by_source,
             "generated_tokens": gen,
             "forwards": forwards,
             "wall_s": round(wall, 4),
@@ -704,6 +718,10 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="tidar: merge prompt-lookup drafts matching the last N tokens (0 = off)")
     p.add_argument("--lookup-tokens", type=int, default=None,
                    help="tidar: longest prompt-lookup draft after the committed token; may exceed the block (0 = b-1)")
+    p.add_argument("--datastore-tokens", type=int, default=None,
+                   help="tidar: longest draft from the model's datastore (0 = off; default: the operating point)")
+    p.add_argument("--datastore-confidence", type=float, default=None,
+                   help="tidar: cut datastore drafts below this estimated chance (default: the operating point)")
     p.add_argument("--draft-model", default=None, help="spec: draft model directory")
     p.add_argument("--draft-layers", type=positive_int, default=None,
                    help="spec: use the target's first N layers as the draft (when no --draft-model)")
@@ -734,6 +752,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(model=args.model, dtype=args.dtype, threads=args.threads, block_size=args.block_size,
                         policy=args.policy, policy_k=args.policy_k, lookup_ngram=args.lookup_ngram,
                         tidar_lookup_tokens=args.lookup_tokens, draft_model=args.draft_model, draft_layers=args.draft_layers,
+                        datastore_tokens=args.datastore_tokens, datastore_confidence=args.datastore_confidence,
                         threshold=args.threshold,
                         gamma=args.gamma)
 
@@ -745,6 +764,10 @@ def check_common(args: argparse.Namespace) -> None:
         raise BenchError(f"--lookup-ngram must be >= 0, got {args.lookup_ngram}")
     if args.lookup_tokens is not None and args.lookup_tokens < 0:
         raise BenchError(f"--lookup-tokens must be >= 0, got {args.lookup_tokens}")
+    if args.datastore_tokens is not None and args.datastore_tokens < 0:
+        raise BenchError(f"--datastore-tokens must be >= 0, got {args.datastore_tokens}")
+    if args.datastore_confidence is not None and not 0.0 <= args.datastore_confidence < 1.0:
+        raise BenchError(f"--datastore-confidence must be in [0, 1), got {args.datastore_confidence}")
     if not 0.0 < args.threshold <= 1.0:
         raise BenchError(f"--threshold must be in (0, 1], got {args.threshold}")
     if getattr(args, "profile", None) is not None and not Path(args.profile).is_file():

@@ -1,5 +1,5 @@
 """`tidar` command line: one entry point with subcommands (generate, profile, bench, eval, train,
-data, plot, serve). Heavy imports happen inside the subcommands so `tidar --help` is instant."""
+data, plot, serve, export, datastore). Heavy imports happen inside the subcommands so `tidar --help` is instant."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="merge prompt-lookup drafts matching the last N tokens (0 = off)")
     p.add_argument("--lookup-tokens", type=int, default=None,
                    help="longest prompt-lookup draft after the committed token; may exceed the block (0 = b-1)")
+    p.add_argument("--datastore-tokens", type=non_negative_int, default=None,
+                   help="longest draft from the model's datastore of its own outputs, where prompt lookup "
+                        "finds nothing (0 = off; default: the model's operating point)")
+    p.add_argument("--datastore-confidence", type=float, default=None,
+                   help="cut a datastore draft where its estimated chance of being written falls below this "
+                        "(0 = full length; default: the model's operating point)")
     p.add_argument("--min-draft-gain", type=float, default=None,
                    help="pre-draft only while diffusion drafts commit this many extra tokens per step "
                         "(0 = always; default: the model's operating point, 0.5 for the shipped model)")
@@ -163,6 +169,7 @@ def build_parser() -> Parser:
         ("serve", "tidar.server", "OpenAI-compatible HTTP server"),
         ("lm-eval", "tidar.lm_eval_adapter", "run lm-evaluation-harness with the tidar model"),
         ("export", "tidar.ship", "export a trained adapter as the shipped default model"),
+        ("datastore", "tidar.datastore", "index the model's own outputs as a source of drafts"),
     ):
         s = sub.add_parser(name, help=help_, add_help=False)
         s.set_defaults(delegate=module)
@@ -172,7 +179,7 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] in ("train", "data", "plot", "bench", "eval", "serve", "lm-eval", "export"):
+    if argv and argv[0] in ("train", "data", "plot", "bench", "eval", "serve", "lm-eval", "export", "datastore"):
         import importlib
 
         module = parser.parse_args(argv[:1]).delegate

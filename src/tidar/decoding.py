@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tidar.datastore import Datastore
 from tidar.masks import StepLayout, causal_mask, step_layout, with_prefix
 from tidar.model import KVCache, Transformer
 
 POLICIES = ("all", "full", "topk")
+DRAFT_SOURCES = ("diffusion", "lookup", "datastore", "none")
 GAIN_EMA = 0.3  # weight of the newest diffusion-draft acceptance in the running gain (min_draft_gain)
 PROBE_EVERY = 8  # plain steps between pre-drafting probes while the gain is below min_draft_gain
 FREE_ROWS = 32  # up to this many rows, one LM-head matmul over all of them costs about one over a few
@@ -72,6 +74,14 @@ class GenerationConfig:
     # span) and probe again every PROBE_EVERY steps. A [MASK] step costs about 1.25x an AR step on
     # this CPU, so drafts must commit about a quarter token more per step to pay. 0 = always.
     min_draft_gain: float = 0.0
+    # Datastore drafts: where prompt lookup finds nothing, up to this many tokens that followed the
+    # context's last n-gram in the model's own earlier outputs (`tidar.datastore`; the Decoder
+    # needs a `datastore`). 0 = off.
+    datastore_tokens: int = 0
+    # ...cut where the estimated chance that the model writes all of it (the product of each token's
+    # share of its n-gram's successors in the datastore) falls below this: long where the model's
+    # earlier outputs agree, short where they scatter (rows cost time). 0 = always the full length.
+    datastore_confidence: float = 0.0
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -96,6 +106,10 @@ class GenerationConfig:
             raise GenerationError(f"lookup_tokens must be >= 0, got {self.lookup_tokens}")
         if self.min_draft_gain < 0:
             raise GenerationError(f"min_draft_gain must be >= 0, got {self.min_draft_gain}")
+        if self.datastore_tokens < 0:
+            raise GenerationError(f"datastore_tokens must be >= 0, got {self.datastore_tokens}")
+        if not 0.0 <= self.datastore_confidence < 1.0:
+            raise GenerationError(f"datastore_confidence must be in [0, 1), got {self.datastore_confidence}")
 
 
 @dataclass
@@ -111,6 +125,8 @@ class GenerationStats:
     forward_s: float = 0.0  # time inside model forwards (after prefill)
     total_s: float = 0.0  # wall time after prefill
     acceptance_histogram: list[int] = field(default_factory=list)  # counts of a = 1..b per sequence-step
+    # draft tokens accepted beyond d_1 (the committed bonus), by where the draft came from
+    accepted_drafts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DRAFT_SOURCES, 0))
 
     @property
     def tokens_per_forward(self) -> float:
@@ -140,6 +156,7 @@ class GenerationStats:
             "tokens_per_s": round(self.tokens_per_s, 3),
             "mean_acceptance": round(self.mean_acceptance, 4),
             "acceptance_histogram": list(self.acceptance_histogram),
+            "accepted_drafts": dict(self.accepted_drafts),
             "prefill_s": round(self.prefill_s, 4),
             "forward_s": round(self.forward_s, 4),
             "overhead_fraction": round(1 - self.forward_s / self.total_s, 4) if self.total_s > 0 else 0.0,
@@ -216,15 +233,22 @@ def speculative_accept(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
 class Decoder:
     """Runs AR or TiDAR decoding for a batch of prompts on one model."""
 
-    def __init__(self, model: Transformer, config: GenerationConfig) -> None:
+    def __init__(self, model: Transformer, config: GenerationConfig, datastore: Datastore | None = None) -> None:
         config.validate()
+        if config.datastore_tokens and datastore is None:
+            raise GenerationError("datastore_tokens > 0 needs a datastore (this model ships none): "
+                                  "set datastore_tokens=0 or build one with `tidar datastore build`")
         self.model = model
         self.cfg = config
         self.b = config.block_size or model.config.block_size
-        # the longest draft a step verifies: the diffusion block, or a longer prompt-lookup span
+        self.datastore = datastore if config.datastore_tokens else None
+        # the longest draft a step verifies: the diffusion block, or a longer copied span
         self.max_draft = self.b
-        if config.mode == "tidar" and config.lookup_ngram and self.b > 1:
-            self.max_draft = max(self.b, 1 + config.lookup_tokens)
+        self.lookup_limit = max(self.b - 1, config.lookup_tokens)
+        self.copies = config.mode == "tidar" and self.b > 1 and (bool(config.lookup_ngram) or self.datastore is not None)
+        if self.copies:
+            self.max_draft = max(self.b, 1 + (self.lookup_limit if config.lookup_ngram else 0),
+                                 1 + config.datastore_tokens if self.datastore is not None else 0)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.eos = set(config.eos_token_id or model.config.eos_ids)
@@ -234,6 +258,7 @@ class Decoder:
         self._layouts: dict[tuple[int, ...], StepLayout] = {}
         self.span_lengths: list[int] = []  # each sequence's current draft length (lookup spans vary)
         self.from_diffusion: list[bool] = []  # whether each current draft's d_2.. came from a block
+        self.draft_source: list[str] = []  # where each current draft's d_2.. came from (DRAFT_SOURCES)
         self.draft_gain: list[float] = []  # running diffusion-draft tokens accepted per step
         self.plain_steps_left = 0  # steps to run without [MASK] rows (min_draft_gain)
         self.accept_counts = torch.ones(self.b)  # running statistics for the top-k policy
@@ -251,12 +276,15 @@ class Decoder:
         """Acceptance lengths that get a pre-draft block. Every policy keeps a = 1: a block drafted
         after d_1 still covers any larger a (shifted, shorter), so the next step always has a draft.
         A draft longer than the block (prompt lookup) gets a block for its full acceptance, or,
-        unless `span_predraft`, no blocks at all when every sequence verifies such a span."""
+        unless `span_predraft`, no blocks at all when every sequence verifies such a span; a
+        datastore draft counts as a span whatever its length (it is cut where it turns unlikely,
+        and when it fails the datastore usually has the next draft too)."""
         if self.cfg.mode == "ar" or self.plain_steps_left > 0:
             return ()
         n = n_draft or self.b
-        if n > self.b and not self.cfg.span_predraft and all(
-                k > self.b for k, done in zip(self.span_lengths, self.done, strict=True) if not done):
+        if not self.cfg.span_predraft and all(
+                k > self.b or src == "datastore"
+                for k, src, done in zip(self.span_lengths, self.draft_source, self.done, strict=True) if not done):
             return ()
         if self.cfg.policy == "all":
             lengths = set(range(1, self.b + 1))
@@ -331,7 +359,7 @@ class Decoder:
                 emitted[i] += 1
                 if t in self.eos or emitted[i] >= cfg.max_new_tokens:
                     done[i] = True
-            if n_gram and out:
+            if self.copies and out:
                 start = len(self.history[i])
                 self.history[i].extend(out)
                 self._index_ngrams(i, start)
@@ -436,6 +464,7 @@ class Decoder:
             for i in range(B):
                 if not done[i]:
                     stats.acceptance_histogram[int(a[i]) - 1] += 1
+                    stats.accepted_drafts[self.draft_source[i]] += int(a[i]) - 1
                     self.accept_counts[min(int(a[i]), b) - 1] += 1
                 out.append(emit(i, drafts[i, 1: int(a[i])].tolist() + [int(bonus[i])]))
             if cfg.min_draft_gain > 0:
@@ -496,7 +525,8 @@ class Decoder:
             q = torch.zeros(B, 1, ar_at.shape[-1]) if self.cfg.do_sample else None
             self.span_lengths = [1] * B
             self.from_diffusion = [False] * B
-            if b > 1 and self.cfg.lookup_ngram:
+            self.draft_source = ["none"] * B
+            if self.copies:
                 drafts, q = self._lookup_drafts(drafts, q)
             return drafts, q
         drafts = torch.zeros(B, b, dtype=torch.long)
@@ -519,34 +549,40 @@ class Decoder:
         drafts[:, 1:] = picks
         self.span_lengths = [b] * B
         self.from_diffusion = [True] * B
-        if self.cfg.lookup_ngram:
+        self.draft_source = ["diffusion"] * B
+        if self.copies:
             drafts, q = self._lookup_drafts(drafts, q)
         return drafts, q
 
     def _index_ngrams(self, i: int, start: int) -> None:
         """Record, for every n-gram ending before position j >= start, that token j followed it."""
         n, hist, index = self.cfg.lookup_ngram, self.history[i], self.ngram_index[i]
+        if not n:
+            return
         for j in range(max(start, n), len(hist)):
             index.setdefault(tuple(hist[j - n: j]), []).append(j)
 
-    def _continuation(self, i: int, limit: int) -> list[int]:
+    def _continuation(self, i: int) -> tuple[list[int], str]:
         """What followed the context's last n-gram earlier: at its latest occurrence that still has
-        `limit` tokens after it, else at its earliest (the longest continuation). The very latest
-        occurrence alone would give a one-token draft inside a repeating run."""
-        n, hist = self.cfg.lookup_ngram, self.history[i]
-        where = self.ngram_index[i].get(tuple(hist[-n:])) if len(hist) >= n else None
+        `lookup_limit` tokens after it, else at its earliest (the longest continuation). The very
+        latest occurrence alone would give a one-token draft inside a repeating run. Without one,
+        the datastore's draft (if any). Returns the draft and its source."""
+        n, hist, limit = self.cfg.lookup_ngram, self.history[i], self.lookup_limit
+        where = self.ngram_index[i].get(tuple(hist[-n:])) if n and len(hist) >= n else None
         if not where:
-            return []
+            if self.datastore is None:
+                return [], "none"
+            return self.datastore.draft(hist, self.cfg.datastore_tokens, self.cfg.datastore_confidence), "datastore"
         j = next((j for j in reversed(where) if len(hist) - j >= limit), where[0])
-        return hist[j: j + limit]
+        return hist[j: j + limit], "lookup"
 
     def _lookup_drafts(self, drafts: torch.Tensor, q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replace d_2.. by what followed an earlier occurrence of the context's last n-gram (prompt
         lookup decoding, see `_continuation`); such drafts have a one-hot proposal distribution. The
         draft grows past the block when a continuation is longer; in a batch, sequences with a
         shorter draft are padded with token 0 under a one-hot q (a valid, rarely accepted proposal)."""
-        w, limit = drafts.shape[1], self.max_draft - 1
-        conts = [self._continuation(i, limit) for i in range(len(self.history))]
+        w = drafts.shape[1]
+        conts, sources = zip(*(self._continuation(i) for i in range(len(self.history))), strict=True)
         width = max(w, 1 + max(len(c) for c in conts))
         if width > w:
             wide = torch.zeros(drafts.shape[0], width, dtype=drafts.dtype)
@@ -555,12 +591,13 @@ class Decoder:
             if q is not None:
                 pad = F.one_hot(torch.zeros(q.shape[0], width - w, dtype=torch.long), q.shape[-1]).to(q.dtype)
                 q = torch.cat([q, pad], dim=1)
-        for i, cont in enumerate(conts):
+        for i, (cont, source) in enumerate(zip(conts, sources, strict=True)):
             if not cont:
                 continue
             k = len(cont)
             self.span_lengths[i] = max(self.span_lengths[i], 1 + k)
             self.from_diffusion[i] = False
+            self.draft_source[i] = source
             drafts[i, 1: 1 + k] = torch.tensor(cont)
             if q is not None:
                 q[i, 1: 1 + k] = F.one_hot(drafts[i, 1: 1 + k], q.shape[-1]).to(q.dtype)
@@ -568,13 +605,15 @@ class Decoder:
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
-             on_tokens: Callable[[int, list[int]], int | None] | None = None) -> GenerationOutput:
+             on_tokens: Callable[[int, list[int]], int | None] | None = None,
+             datastore: Datastore | None = None) -> GenerationOutput:
     """Generate for a batch of token-id prompts.
 
     `on_tokens(i, ids)` streams newly emitted tokens of sequence i; returning an int n ends that
-    sequence after the first n of those tokens (a stop string was completed).
+    sequence after the first n of those tokens (a stop string was completed). `datastore` serves
+    drafts when `config.datastore_tokens` > 0.
     """
-    decoder = Decoder(model, config or GenerationConfig())
+    decoder = Decoder(model, config or GenerationConfig(), datastore)
     seqs: list[list[int]] = [[] for _ in prompts]
     for step in decoder.stream(prompts):
         for i, toks in enumerate(step):

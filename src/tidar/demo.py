@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- identical to AR: {same}{note}\n--- TiDAR {ti.stats['tokens_per_forward']:.2f} tokens/forward, "
               f"{ti.stats['tokens_per_s']:.1f} tok/s vs AR {ar.stats['tokens_per_s']:.1f} tok/s: {speedup:.2f}x")
         print(f"--- {step_cost_note(ti.stats, ar.stats)}")
+        src = ti.stats.get("accepted_drafts") or {}
+        print(f"--- draft tokens accepted: {src.get('diffusion', 0)} from the diffusion block, "
+              f"{src.get('lookup', 0)} from prompt lookup, {src.get('datastore', 0)} from the datastore")
         rows.append({"prompt": name, "matches_ar": same, "tidar": ti.stats, "ar": ar.stats, "speedup_vs_ar": speedup})
     differed = [i for i, r in enumerate(rows) if not r["matches_ar"]]
     if args.exact_check and differed and args.dtype != "float32":

