@@ -8,9 +8,12 @@ model's own greedy continuations (`--generated`: `tidar data generate` dirs, as 
 how many of its tokens AR's output confirms, and how long the draft was (rows a step must verify).
 Compare with `benchmarks/draft_oracle.py`'s diffusion figure for the steps without a lookup span.
 
-    .venv/bin/python benchmarks/datastore_drafts.py --limit 20 --data data/shards --settings 8:0
-    .venv/bin/python benchmarks/datastore_drafts.py --limit 40 \
-        --generated data/selfgen,data/selfgen-code,data/selfgen-code2,data/selfgen-pkgs --settings 4:0,16:0,16:0.2,16:0.1
+    .venv/bin/python benchmarks/datastore_drafts.py --limit 40 --stores \
+        "generated:data/selfgen,data/selfgen-code,data/selfgen-code2,data/selfgen-pkgs;corpus:data/shards" \
+        --settings 4:0,16:0,16:0.1,16:0.2
+
+Each store (`;`-separated) is `generated:` or `corpus:` and comma-separated directories; all are
+measured on the same AR outputs.
 """
 
 from __future__ import annotations
@@ -43,23 +46,14 @@ def confirmed(draft: list[int], future: list[int]) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=20)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="shard dirs whose train.bin form the datastore (comma-separated)")
-    src.add_argument("--generated", help="`tidar data generate` dirs whose completions form it (comma-separated)")
+    p.add_argument("--stores", required=True,
+                   help="';'-separated datastores, each 'generated:DIR,DIR' (`tidar data generate` output) or "
+                        "'corpus:DIR,DIR' (shard dirs' train.bin)")
     p.add_argument("--orders", default="4,3,2", help="datastore n-gram orders")
     p.add_argument("--settings", default="16:0,16:0.1",
                    help="comma-separated tokens:confidence pairs (datastore_tokens, datastore_confidence)")
     args = p.parse_args()
-    if args.data:
-        seqs = []
-        for d in args.data.split(","):
-            shards = TokenShards(d)
-            seqs.append(np.fromfile(shards.path / "train.bin", dtype=shards.dtype).astype(np.int64))
-    else:
-        seqs, _ = from_generated(args.generated.split(","))
     rt = Runtime.load(None, dtype="bfloat16")
-    ds = Datastore(seqs, rt.model.config.vocab_size, [int(x) for x in args.orders.split(",")])
-    print(f"datastore: {len(ds):,} tokens from {args.data or args.generated}, orders {list(ds.orders)}")
     settings = [(int(t), float(c)) for t, c in (x.split(":") for x in args.settings.split(","))]
     longest = max(t for t, _ in settings)
     positions = []  # (context, AR's next tokens) where prompt lookup has no span
@@ -77,11 +71,24 @@ def main() -> None:
     n = max(len(positions), 1)
     print(f"{args.limit} HumanEval prompts, AR greedy bf16: {with_span} positions with a prompt-lookup span, "
           f"{len(positions)} without")
-    for tokens, conf in settings:
-        drafts = [ds.draft(ctx, tokens, conf) for ctx, _ in positions]
-        ok = sum(confirmed(d, f) for d, (_, f) in zip(drafts, positions, strict=True))
-        print(f"tokens {tokens:>2}, confidence {conf:.2f}: a draft at {sum(map(bool, drafts))}/{len(positions)}, "
-              f"{ok / n:.2f} tokens confirmed and {sum(map(len, drafts)) / n:.2f} drafted per span-less position")
+    for store in args.stores.split(";"):
+        kind, _, dirs = store.partition(":")
+        if kind == "corpus":
+            seqs = []
+            for d in dirs.split(","):
+                shards = TokenShards(d)
+                seqs.append(np.fromfile(shards.path / "train.bin", dtype=shards.dtype).astype(np.int64))
+        elif kind == "generated":
+            seqs, _ = from_generated(dirs.split(","))
+        else:
+            p.error(f"a store must start with 'generated:' or 'corpus:', got {store!r}")
+        ds = Datastore(seqs, rt.model.config.vocab_size, [int(x) for x in args.orders.split(",")])
+        print(f"datastore: {len(ds):,} tokens, {store}, orders {list(ds.orders)}")
+        for tokens, conf in settings:
+            drafts = [ds.draft(ctx, tokens, conf) for ctx, _ in positions]
+            ok = sum(confirmed(d, f) for d, (_, f) in zip(drafts, positions, strict=True))
+            print(f"  tokens {tokens:>2}, confidence {conf:.2f}: a draft at {sum(map(bool, drafts))}/{len(positions)}, "
+                  f"{ok / n:.2f} tokens confirmed and {sum(map(len, drafts)) / n:.2f} drafted per span-less position")
 
 
 if __name__ == "__main__":

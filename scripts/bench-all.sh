@@ -16,17 +16,17 @@ if run profile; then
   $T profile --dtype bfloat16 --compile --tokens 1,2,4,8,12,16,20,24,32,48 --repeats 7 --json $R/profile-bf16-compiled.json
 fi
 if run humaneval; then  # all 164 prompts, every baseline in one process
-  $T bench --prompts humaneval --methods ar,tidar,hf,hf-lookup,llamacpp --max-new-tokens 128 --dtype bfloat16 \
-    --threads 2 --json $R/humaneval-bf16.json --plots $R/humaneval-bf16 --profile $R/profile-bf16.json \
-    --no-progress | tee $R/humaneval-bf16.log
+  $T bench --prompts humaneval --methods ar,tidar,tidar-no-datastore,hf,hf-lookup,llamacpp --max-new-tokens 128 \
+    --dtype bfloat16 --threads 2 --json $R/humaneval-bf16.json --plots $R/humaneval-bf16 \
+    --profile $R/profile-bf16.json --no-progress | tee $R/humaneval-bf16.log
 fi
 if run fp32; then  # output equality where rounding cannot flip near-ties
   $T bench --prompts humaneval --methods ar,tidar --max-new-tokens 128 --dtype float32 --threads 2 \
     --json $R/humaneval-fp32.json --no-progress | tee $R/humaneval-fp32.log
 fi
 if run prose; then
-  $T bench --prompts prose --data data/shards --limit 20 --methods ar,tidar --max-new-tokens 128 --dtype bfloat16 \
-    --threads 2 --json $R/prose-bf16.json --no-progress | tee $R/prose-bf16.log
+  $T bench --prompts prose --data data/shards --limit 20 --methods ar,tidar,tidar-no-datastore --max-new-tokens 128 \
+    --dtype bfloat16 --threads 2 --json $R/prose-bf16.json --no-progress | tee $R/prose-bf16.log
 fi
 if run compiled; then  # what torch.compile (opt-in) does to the same engine
   $T bench --prompts humaneval --limit 20 --methods ar,tidar --max-new-tokens 128 --dtype bfloat16 --threads 2 \

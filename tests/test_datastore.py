@@ -93,6 +93,10 @@ def test_datastore_drafts_are_lossless_and_accepted_when_the_model_repeats_itsel
     assert tpf > 3 * sum(o.stats.tokens_per_forward for o in plain) / len(fresh)
     assert sum(o.stats.accepted_drafts["datastore"] for o in with_ds) > 20 * len(fresh)
     assert any(sum(o.stats.acceptance_histogram[3:]) for o in with_ds)  # spans past the block
+    model.datastore = ds  # a model that carries its datastore (as `Runtime.load` attaches it) needs no argument
+    again = generate(model, [fresh[0]], GenerationConfig(**cfg, datastore_tokens=8))
+    assert again.sequences[0] == expected[0] and again.stats.accepted_drafts == with_ds[0].stats.accepted_drafts
+    del model.datastore
     both = GenerationConfig(**cfg, datastore_tokens=8, lookup_ngram=2, lookup_tokens=6)
     batch = generate(model, fresh + prompts(3, seed=9), both, datastore=ds).sequences
     assert batch == expected + [ar(model, [p], 40)[0] for p in prompts(3, seed=9)]

@@ -235,6 +235,8 @@ class Decoder:
 
     def __init__(self, model: Transformer, config: GenerationConfig, datastore: Datastore | None = None) -> None:
         config.validate()
+        if datastore is None:  # the one a loaded model ships with (`Runtime.load` attaches it)
+            datastore = getattr(model, "datastore", None)
         if config.datastore_tokens and datastore is None:
             raise GenerationError("datastore_tokens > 0 needs a datastore (this model ships none): "
                                   "set datastore_tokens=0 or build one with `tidar datastore build`")

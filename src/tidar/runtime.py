@@ -49,6 +49,7 @@ class Runtime:
         if manifest.exists():
             op = json.loads(manifest.read_text()).get("operating_point", {})
         datastore = Datastore.load(path) if (path / DATASTORE_FILE).exists() else None
+        model.datastore = datastore  # so `generate(rt.model, ...)` and `model.generate` draft from it too
         rt = cls(model, tokenizer, op, name=str(path), datastore=datastore)
         if compile if compile is not None else op.get("compile", False):
             rt.compile()
