@@ -75,8 +75,8 @@ class GenerationConfig:
     # this CPU, so drafts must commit about a quarter token more per step to pay. 0 = always.
     min_draft_gain: float = 0.0
     # Datastore drafts: where prompt lookup finds nothing, up to this many tokens that followed the
-    # context's last n-gram in the model's own earlier outputs (`tidar.datastore`; the Decoder
-    # needs a `datastore`). 0 = off.
+    # context's last n-gram in the model's own earlier outputs (`tidar.datastore`: passed to the
+    # Decoder, or the one `Runtime.load` attached to the model). 0 = off.
     datastore_tokens: int = 0
     # ...cut where the estimated chance that the model writes all of it (the product of each token's
     # share of its n-gram's successors in the datastore) falls below this: long where the model's
