@@ -65,8 +65,7 @@ def main() -> None:
             for k, fs in fused[m].items():  # a FusedLinear without lora_b takes its base-only path
                 for f, b in zip(fs, adapters[m][k], strict=True):
                     f.lora_b = None if k in off else b
-            dec = Decoder(rt.model, rt.generation_config(None, max_new_tokens=args.max_new_tokens, **overrides),
-                          rt.datastore)
+            dec = Decoder(rt.model, rt.generation_config(None, max_new_tokens=args.max_new_tokens, **overrides))
             t = time.perf_counter()
             toks = [tok for out in dec.stream([ids]) for tok in out[0]]
             tot = totals[name]

@@ -310,7 +310,7 @@ class EngineRunner:
         on_tokens = _stopper(self.runtime.tokenizer, stop) if self.streams_stop else None
         t0 = time.perf_counter()
         if self.fn is None:
-            out = generate(self.runtime.model, [ids], cfg, on_tokens=on_tokens, datastore=self.runtime.datastore)
+            out = generate(self.runtime.model, [ids], cfg, on_tokens=on_tokens)
         else:
             out = self.fn(self.runtime.model, [ids], cfg, on_tokens)
         wall = time.perf_counter() - t0

@@ -259,7 +259,6 @@ class Decoder:
         self.generator.manual_seed(config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self._layouts: dict[tuple[int, ...], StepLayout] = {}
         self.span_lengths: list[int] = []  # each sequence's current draft length (lookup spans vary)
-        self.from_diffusion: list[bool] = []  # whether each current draft's d_2.. came from a block
         self.draft_source: list[str] = []  # where each current draft's d_2.. came from (DRAFT_SOURCES)
         self.draft_gain: list[float] = []  # running diffusion-draft tokens accepted per step
         self.plain_steps_left = 0  # steps to run without [MASK] rows (min_draft_gain)
@@ -481,7 +480,7 @@ class Decoder:
         [MASK] rows (the step after them pre-drafts again: a probe)."""
         seen = False
         for i, g in enumerate(self.draft_gain):
-            if self.from_diffusion[i] and not self.done[i]:
+            if self.draft_source[i] == "diffusion" and not self.done[i]:
                 self.draft_gain[i] = g + GAIN_EMA * (min(int(a[i]), self.b) - 1 - g)
                 seen = True
         running = [g for g, d in zip(self.draft_gain, self.done, strict=True) if not d]
@@ -526,7 +525,6 @@ class Decoder:
             # q[:, 0] is never read (d_1 is committed), but sampling needs q's shape
             q = torch.zeros(B, 1, ar_at.shape[-1]) if self.cfg.do_sample else None
             self.span_lengths = [1] * B
-            self.from_diffusion = [False] * B
             self.draft_source = ["none"] * B
             if self.copies:
                 drafts, q = self._lookup_drafts(drafts, q)
@@ -550,7 +548,6 @@ class Decoder:
             picks = torch.where(usable[:, 1:], picks, torch.zeros_like(picks))
         drafts[:, 1:] = picks
         self.span_lengths = [b] * B
-        self.from_diffusion = [True] * B
         self.draft_source = ["diffusion"] * B
         if self.copies:
             drafts, q = self._lookup_drafts(drafts, q)
@@ -598,7 +595,6 @@ class Decoder:
                 continue
             k = len(cont)
             self.span_lengths[i] = max(self.span_lengths[i], 1 + k)
-            self.from_diffusion[i] = False
             self.draft_source[i] = source
             drafts[i, 1: 1 + k] = torch.tensor(cont)
             if q is not None:

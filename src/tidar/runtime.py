@@ -36,7 +36,12 @@ class Runtime:
         self.tokenizer = tokenizer
         self.operating_point = operating_point or {}
         self.name = name
-        self.datastore = datastore
+        # kept on the model, so `generate(rt.model, ...)` and `model.generate` draft from it too
+        model.datastore = datastore
+
+    @property
+    def datastore(self) -> Datastore | None:
+        return getattr(self.model, "datastore", None)
 
     @classmethod
     def load(cls, name: str | None = None, dtype: str = "bfloat16", compile: bool | None = None) -> Runtime:
@@ -49,7 +54,6 @@ class Runtime:
         if manifest.exists():
             op = json.loads(manifest.read_text()).get("operating_point", {})
         datastore = Datastore.load(path) if (path / DATASTORE_FILE).exists() else None
-        model.datastore = datastore  # so `generate(rt.model, ...)` and `model.generate` draft from it too
         rt = cls(model, tokenizer, op, name=str(path), datastore=datastore)
         if compile if compile is not None else op.get("compile", False):
             rt.compile()
@@ -98,7 +102,7 @@ class Runtime:
                               "lookup_tokens": self.operating_point.get("lookup_tokens", 0),
                               "span_predraft": self.operating_point.get("span_predraft", False),
                               "min_draft_gain": self.operating_point.get("min_draft_gain", 0.0),
-                              "datastore_tokens": self.operating_point.get("datastore_tokens", 0) if self.datastore else 0,
+                              "datastore_tokens": self.operating_point.get("datastore_tokens", 0) if self.datastore is not None else 0,
                               "datastore_confidence": self.operating_point.get("datastore_confidence", 0.0)}
         if args is not None:
             for k in ("mode", "max_new_tokens", "block_size", "policy", "policy_k", "beta", "lookup_ngram", "lookup_tokens",
@@ -169,7 +173,7 @@ class Runtime:
             return None
 
         t0 = time.perf_counter()
-        out = generate(self.model, [list(p) for p in prompts], gen, on_tokens=on_tokens, datastore=self.datastore)
+        out = generate(self.model, [list(p) for p in prompts], gen, on_tokens=on_tokens)
         wall = time.perf_counter() - t0
         eos = set(self.eos_ids)
         results = []
