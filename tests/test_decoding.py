@@ -263,6 +263,29 @@ def test_long_lookup_drafts_extend_past_the_block_losslessly():
         assert batch == [generate(model, [q], c).sequences[0] for q in ps] == [ar(model, [q], 80)[0] for q in ps]
 
 
+def test_lookup_copies_from_the_occurrence_whose_surroundings_match_furthest_back():
+    from tidar.decoding import Decoder
+
+    model = tiny_model(seed=0, vocab_size=16)
+    # the context ends in "5 1 2"; "1 2" occurred after "5" (then 7 8 ...) and, later, after "9"
+    hist = [5, 1, 2, 7, 8, 3, 4, 6, 9, 1, 2, 3, 3, 4, 6, 10, 11, 5, 1, 2]
+    drafts = {}
+    for occurrence in ("longest", "latest"):
+        dec = Decoder(model, GenerationConfig(block_size=3, lookup_ngram=2, lookup_tokens=3, lookup_occurrence=occurrence))
+        dec.history, dec.ngram_index = [list(hist)], [{}]
+        dec._index_ngrams(0, 0)
+        drafts[occurrence] = dec._continuation(0)
+    assert drafts == {"longest": ([7, 8, 3], "lookup"), "latest": ([3, 3, 4], "lookup")}
+    # occurrences with fewer than lookup_tokens after them lose to any that has them
+    for occurrence in ("longest", "latest"):
+        dec.cfg.lookup_occurrence = occurrence
+        dec.history, dec.ngram_index = [[1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 1, 2]], [{}]
+        dec._index_ngrams(0, 0)
+        assert dec._continuation(0) == ([3, 4, 5], "lookup")
+    with pytest.raises(GenerationError, match="lookup_occurrence"):
+        GenerationConfig(lookup_occurrence="first").validate()
+
+
 def test_span_steps_skip_predraft_only_when_every_sequence_has_a_span():
     from tidar.decoding import Decoder
 

@@ -75,12 +75,12 @@ class Datastore:
         return key - (1 << 64) if key >= 1 << 63 else key
 
     def _table(self, n: int) -> tuple[np.ndarray, ...]:
-        """Sorted distinct keys and, for each, the start of the continuation after its most frequent
-        next token (ties: the smaller token id, then the earliest occurrence), and that token's share
-        of the key's occurrences."""
+        """Every (n-gram, next token) pair seen: sorted by key, then by count (descending), then by
+        token id; for each, where the continuation after the pair's earliest occurrence starts and
+        the pair's share of the key's occurrences. A key's first row is its draft."""
         t, sep = self.tokens, self.vocab_size
         if len(t) <= n:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
         keys = self._keys(n)
         pos = np.arange(len(keys))
         nxt = t[n:]
@@ -89,7 +89,7 @@ class Datastore:
             ok &= t[i: len(t) - n + i] != sep
         keys, pos, nxt = keys[ok], pos[ok], nxt[ok]
         if not len(keys):
-            return keys, pos, np.zeros(0)
+            return keys, pos.astype(np.int32), np.zeros(0, dtype=np.float32)
         order = np.lexsort((pos, nxt, keys))
         keys, pos, nxt = keys[order], pos[order], nxt[order]
         # runs of equal (key, next): their length is that next token's count for the key
@@ -98,14 +98,14 @@ class Datastore:
         pair_start = np.flatnonzero(new_pair)
         pair_count = np.diff(np.append(pair_start, len(keys)))
         pair_key = keys[pair_start]
-        # per key, the pair with the highest count (first in sort order among equals)
-        by = np.lexsort((-pair_count, pair_key))  # key ascending, count descending, stable
+        by = np.lexsort((-pair_count, pair_key))  # key ascending, count descending, stable (token id)
+        pair_key, pair_count, pair_start = pair_key[by], pair_count[by], pair_start[by]
         first = np.ones(len(by), dtype=bool)
-        first[1:] = pair_key[by][1:] != pair_key[by][:-1]
-        best = by[first]
-        key_total = np.add.reduceat(pair_count[by], np.flatnonzero(first))
+        first[1:] = pair_key[1:] != pair_key[:-1]
+        key_total = np.add.reduceat(pair_count, np.flatnonzero(first))
+        share = pair_count / np.repeat(key_total, np.diff(np.append(np.flatnonzero(first), len(by))))
         # int32 / float32: the tables of a few million tokens stay tens of MB
-        return pair_key[best], (pos[pair_start[best]] + n).astype(np.int32), (pair_count[best] / key_total).astype(np.float32)
+        return pair_key, (pos[pair_start] + n).astype(np.int32), share.astype(np.float32)
 
     def draft(self, context: Sequence[int], limit: int, min_confidence: float = 0.0) -> list[int]:
         """Up to `limit` tokens that followed the longest of the context's last n-grams found.
@@ -148,6 +148,44 @@ class Datastore:
             if i < len(keys) and keys[i] == key:
                 return int(starts[i]), float(share[i])
         return None
+
+    def successors(self, context: Sequence[int], k: int) -> list[tuple[int, float]]:
+        """The k most frequent next tokens after the longest of the context's last n-grams found,
+        with their shares of its occurrences (empty when none is found)."""
+        for n in self.orders:
+            if len(context) < n or any(not 0 <= v < self.vocab_size for v in context[-n:]):
+                continue
+            keys, starts, share = self._tables[n]
+            key = self._key(context[-n:])
+            i = int(np.searchsorted(keys, key))
+            if i < len(keys) and keys[i] == key:
+                j = min(int(np.searchsorted(keys, key, side="right")), i + k)
+                return [(int(self.tokens[s]), float(w)) for s, w in zip(starts[i:j], share[i:j], strict=True)]
+        return []
+
+    def drafts(self, context: Sequence[int], limit: int, k: int) -> list[list[int]]:
+        """Up to k drafts of up to `limit` tokens, each starting with a different next token: the
+        successors of the longest n-gram found, most frequent first, then those of shorter ones."""
+        out: list[list[int]] = []
+        if limit <= 0 or k <= 0:
+            return out
+        firsts: set[int] = set()
+        for n in self.orders:
+            if len(context) < n or any(not 0 <= v < self.vocab_size for v in context[-n:]):
+                continue
+            keys, starts, _ = self._tables[n]
+            key = self._key(context[-n:])
+            i, j = int(np.searchsorted(keys, key)), int(np.searchsorted(keys, key, side="right"))
+            for s in starts[i:j]:
+                cont = self.tokens[int(s): int(s) + limit]
+                end = np.flatnonzero(cont == self.vocab_size)
+                cont = cont[: end[0] if len(end) else len(cont)].tolist()
+                if cont and cont[0] not in firsts:
+                    firsts.add(cont[0])
+                    out.append(cont)
+                    if len(out) == k:
+                        return out
+        return out
 
     def __len__(self) -> int:
         return len(self.tokens) - self.sequences

@@ -36,6 +36,8 @@ POLICIES = ("all", "full", "topk")
 DRAFT_SOURCES = ("diffusion", "lookup", "datastore", "none")
 GAIN_EMA = 0.3  # weight of the newest diffusion-draft acceptance in the running gain (min_draft_gain)
 PROBE_EVERY = 8  # plain steps between pre-drafting probes while the gain is below min_draft_gain
+LOOKUP_CANDIDATES = 32  # prompt lookup compares the latest this many occurrences of the n-gram
+MATCH_CAP = 64  # ...by how far back their preceding tokens match the context, up to this many
 FREE_ROWS = 32  # up to this many rows, one LM-head matmul over all of them costs about one over a few
 
 
@@ -65,6 +67,10 @@ class GenerationConfig:
     # How many lookup tokens may follow the bonus token. A copied span is often longer than the
     # diffusion block, so it may extend the draft past b tokens (0 = stay within the block, b - 1).
     lookup_tokens: int = 0
+    # Which earlier occurrence of the n-gram to copy from: "longest", the one whose preceding tokens
+    # match the context's furthest back (the same n-gram in the same surroundings); "latest", the
+    # most recent one with lookup_tokens after it.
+    lookup_occurrence: str = "longest"
     # Whether a step verifying a lookup span longer than the block also pre-drafts [MASK] blocks
     # for the next step (blocks for acceptance 1, b and the full span). Off: such steps are plain
     # verification; measured faster on code, where copied spans usually continue.
@@ -104,6 +110,8 @@ class GenerationConfig:
             raise GenerationError(f"lookup_ngram must be >= 0, got {self.lookup_ngram}")
         if self.lookup_tokens < 0:
             raise GenerationError(f"lookup_tokens must be >= 0, got {self.lookup_tokens}")
+        if self.lookup_occurrence not in ("longest", "latest"):
+            raise GenerationError(f"lookup_occurrence must be 'longest' or 'latest', got {self.lookup_occurrence!r}")
         if self.min_draft_gain < 0:
             raise GenerationError(f"min_draft_gain must be >= 0, got {self.min_draft_gain}")
         if self.datastore_tokens < 0:
@@ -562,18 +570,31 @@ class Decoder:
             index.setdefault(tuple(hist[j - n: j]), []).append(j)
 
     def _continuation(self, i: int) -> tuple[list[int], str]:
-        """What followed the context's last n-gram earlier: at its latest occurrence that still has
-        `lookup_limit` tokens after it, else at its earliest (the longest continuation). The very
-        latest occurrence alone would give a one-token draft inside a repeating run. Without one,
-        the datastore's draft (if any). Returns the draft and its source."""
+        """What followed the context's last n-gram earlier (see `lookup_occurrence`); without an
+        occurrence, the datastore's draft (if any). Returns the draft and its source.
+
+        Occurrences with `lookup_limit` tokens after them are preferred: the very latest occurrence
+        inside a repeating run has a one-token continuation."""
         n, hist, limit = self.cfg.lookup_ngram, self.history[i], self.lookup_limit
         where = self.ngram_index[i].get(tuple(hist[-n:])) if n and len(hist) >= n else None
         if not where:
             if self.datastore is None:
                 return [], "none"
             return self.datastore.draft(hist, self.cfg.datastore_tokens, self.cfg.datastore_confidence), "datastore"
-        j = next((j for j in reversed(where) if len(hist) - j >= limit), where[0])
-        return hist[j: j + limit], "lookup"
+        end = len(hist)
+        if self.cfg.lookup_occurrence == "latest":
+            j = next((j for j in reversed(where) if end - j >= limit), where[0])
+            return hist[j: j + limit], "lookup"
+        cands = where[-LOOKUP_CANDIDATES:]
+        cands = [j for j in cands if end - j >= limit] or cands
+        best, best_m = cands[-1], -1
+        for j in reversed(cands):  # latest first: it wins ties
+            m = n
+            while m < MATCH_CAP and j - 1 - m >= 0 and hist[j - 1 - m] == hist[end - 1 - m]:
+                m += 1
+            if m > best_m:
+                best, best_m = j, m
+        return hist[best: best + limit], "lookup"
 
     def _lookup_drafts(self, drafts: torch.Tensor, q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replace d_2.. by what followed an earlier occurrence of the context's last n-gram (prompt

@@ -100,6 +100,7 @@ class Runtime:
                               "policy_k": self.operating_point.get("policy_k", 2),
                               "lookup_ngram": self.operating_point.get("lookup_ngram", 0),
                               "lookup_tokens": self.operating_point.get("lookup_tokens", 0),
+                              "lookup_occurrence": self.operating_point.get("lookup_occurrence", "longest"),
                               "span_predraft": self.operating_point.get("span_predraft", False),
                               "min_draft_gain": self.operating_point.get("min_draft_gain", 0.0),
                               "datastore_tokens": self.operating_point.get("datastore_tokens", 0) if self.datastore is not None else 0,
