@@ -221,8 +221,7 @@ def main() -> None:
                     n += 1
         return [list(x) for x in nodes]  # every node's path: the trie counts each once
 
-    e16 = Engine(rt, lookup_tokens=16)
-    for name, pol in {
+    policies = {
         "datastore top-2": lambda e: tree(e, ds_k=2),
         "datastore top-3": lambda e: tree(e, ds_k=3),
         "lookup + datastore, both always": lambda e: tree(e, both=True),
@@ -231,8 +230,11 @@ def main() -> None:
         "best-first, 8 rows": lambda e: best_first(e, 8),
         "best-first, 16 rows": lambda e: best_first(e, 16),
         "best-first, 24 rows": lambda e: best_first(e, 24),
-    }.items():
-        show(f"lookup 16, longest; {name}", simulate(data, e16, pol, latency))
+    }
+    for L in (8, 16):
+        e = Engine(rt, lookup_tokens=L)
+        for name, pol in policies.items():
+            show(f"lookup {L}; {name}", simulate(data, e, pol, latency))
 
 
 if __name__ == "__main__":

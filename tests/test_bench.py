@@ -224,6 +224,29 @@ def test_baseline_methods_through_the_harness():
         assert res.methods[m]["tokens_per_forward"] is not None
 
 
+def test_learning_method_drafts_from_earlier_prompts_outputs_only():
+    """`tidar-learn`: a fork of the model's datastore learns each output (not the warm-up's), so a
+    prompt asked again drafts its earlier answer; the model's own datastore learns nothing."""
+    from tidar.datastore import Datastore
+
+    rt = tiny_runtime()
+    rt.model.datastore = Datastore([[1, 2, 3]], vocab_size=97)
+    rt.operating_point = {"block_size": 3, "datastore_tokens": 8}
+    p = [rt.encode("the cat sat on"), rt.encode("a dog ran to")]
+    prompts = [p[0], p[1], p[0]]
+    methods = ["ar", "tidar", "tidar-learn"]
+    runners = bench.build_runners(rt, methods, bench.BenchOptions(dtype="float32"))
+    res = run_bench(rt, prompts, methods, 24, runners=runners, warmup=1)
+    assert res.methods["tidar-learn"]["matches_ar"] == res.methods["tidar"]["matches_ar"] == 1.0
+    learned = [r.accepted_drafts["datastore"] for r in res.runs["tidar-learn"]]
+    plain = [r.accepted_drafts["datastore"] for r in res.runs["tidar"]]
+    assert learned[0] == plain[0]  # nothing learned before the first prompt: the warm-up is forgotten
+    assert learned[2] > plain[2] + 10  # the repeated prompt copies its earlier answer
+    assert rt.datastore.learned_tokens == 0
+    with pytest.raises(bench.BenchError, match="needs a model with a datastore"):
+        bench.build_runners(tiny_runtime(), ["tidar-learn"], bench.BenchOptions(dtype="float32"))
+
+
 def test_runtime_compile_falls_back_to_eager_when_inductor_fails(monkeypatch):
     import io
 

@@ -49,6 +49,52 @@ def test_confidence_cuts_the_draft_where_the_datastore_disagrees_with_itself():
     assert ds.draft([1, 2], 8, min_confidence=0.1) == [3, 4, 5]  # 0.67 * 1/4 = 0.17, then nothing follows 4 5
 
 
+def test_several_branches_come_from_the_successors_in_order_of_frequency():
+    ds = Datastore([[1, 2, 3, 4], [1, 2, 3, 5], [0, 2, 3, 6, 7], [9, 3, 8]], vocab_size=10, orders=(3, 2))
+    assert ds.successors([1, 2, 3], 5) == [(4, 0.5), (5, 0.5)]  # order 3: (1 2 3) -> 4 or 5
+    assert [t for t, _ in ds.successors([7, 2, 3], 5)] == [4, 5, 6]  # order 2: (2 3) -> 4, 5, 6
+    assert ds.successors([7, 7], 5) == []
+    # distinct first tokens, the longest n-gram's successors first, then the shorter n-gram's
+    assert ds.drafts([1, 2, 3], 3, 2) == [[4], [5]]
+    assert ds.drafts([1, 2, 3], 3, 5) == [[4], [5], [6, 7]]
+    assert ds.drafts([7, 2, 3], 2, 2) == [[4], [5]]
+    assert ds.drafts([4, 2, 3], 3, 9) == [[4], [5], [6, 7]]
+
+
+def test_learned_outputs_are_drafted_first_and_stay_in_their_fork(tmp_path):
+    ds = Datastore([[1, 2, 3, 4, 5]], vocab_size=10, orders=(3, 2))
+    assert ds.draft([0, 2, 3], 2) == [4, 5]
+    learner = ds.fork()
+    learner.learn([7, 2, 3, 9, 8])
+    learner.learn([6, 2, 3, 9, 1])
+    # the learned (2 3) -> 9 beats the tables' (2 3) -> 4, even against their longer n-gram
+    assert learner.draft([1, 2, 3], 3) == [9, 8]
+    # token by token: 9 (2 of 2), then 1 (1 of 2, tied with 8: the smaller id), then nothing known
+    assert learner.draft([1, 2, 3], 3, min_confidence=0.5) == [9, 1]
+    assert learner.draft([5, 5], 3) == []
+    assert ds.draft([1, 2, 3], 3) == [4, 5] and ds.learned_tokens == 0  # the original never learned
+    assert (learner.learned_sequences, learner.learned_tokens) == (2, 10)
+    learner.save(tmp_path)  # what it learned is saved with the tables
+    assert Datastore.load(tmp_path).draft([0, 2, 3], 2) == [9, 8]
+    assert len(Datastore.load(tmp_path)) == 15
+    learner.reset_learned()
+    assert learner.draft([1, 2, 3], 3) == [4, 5]
+    with pytest.raises(DatastoreError, match="token ids must lie in"):
+        learner.learn([1, 10])
+
+
+def test_learning_is_bounded(monkeypatch):
+    import tidar.datastore as dsm
+
+    monkeypatch.setattr(dsm, "LEARN_LIMIT", 8)
+    ds = Datastore([[1, 2]], vocab_size=10, orders=(2,))
+    ds.learn([1, 2, 3, 4, 5])
+    ds.learn([6, 7, 8])
+    assert ds.learned_tokens == 8 and ds.draft([1, 2], 2) == [3, 4]
+    ds.learn([9, 9])  # past the limit: the learned part starts again
+    assert (ds.learned_sequences, ds.learned_tokens) == (1, 2) and ds.draft([1, 2], 2) == []
+
+
 def test_save_load_round_trip(tmp_path):
     seqs = [torch.randint(0, 50, (int(n),)).tolist() for n in torch.randint(0, 30, (20,))]
     ds = Datastore(seqs, vocab_size=50, meta={"sources": ["x"]})

@@ -248,3 +248,24 @@ def test_concurrent_requests_never_overlap_forwards(runtime):
         del model.forward
     assert overlaps[0] == 0
     assert texts == [runtime.generate_text(p, greedy(runtime, 12)).text for p in ("first", "second", "third")]
+
+
+def test_learning_server_drafts_a_repeated_request_from_its_earlier_answer(monkeypatch, capsys):
+    from tidar import server
+    from tidar.datastore import Datastore
+
+    rt = Runtime(tiny_model(), CharTokenizer(), {"block_size": 3, "datastore_tokens": 8}, name="/models/tiny",
+                 datastore=Datastore([[1, 2, 3]], vocab_size=97))
+    rt.learn = True
+    body = {"prompt": "the cat", "max_tokens": 24, "temperature": 0}
+    with TestClient(create_app(rt)) as c:
+        first, second = (c.post("/v1/completions", json=body).json() for _ in range(2))
+        health = c.get("/health").json()
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+    assert second["tidar"]["accepted_drafts"]["datastore"] > first["tidar"]["accepted_drafts"]["datastore"] + 10
+    assert health["learned_sequences"] == 2 and health["learned_tokens"] == 2 * first["usage"]["completion_tokens"]
+    # --learn on a model without a datastore: one clear line, exit status 2
+    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, *a, **k: Runtime(tiny_model(), CharTokenizer(), name="x")))
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("served without a datastore"))
+    assert server.main(["--learn"]) == 2
+    assert "--learn needs a model with a datastore" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("ar", "tidar", "tidar-no-datastore", "diffusion", "spec", "hf", "hf-lookup", "llamacpp", "llamacpp-lookup")
+METHODS = ("ar", "tidar", "tidar-no-datastore", "tidar-learn", "diffusion", "spec", "hf", "hf-lookup", "llamacpp", "llamacpp-lookup")
 ENGINE_METHODS = ("ar", "tidar")
 SOURCES = ("humaneval", "prose")
 LOOKUP_TOKENS = 10
@@ -75,6 +75,7 @@ class BenchOptions:
     policy_k: int | None = None
     lookup_ngram: int | None = None  # tidar: merge prompt-lookup drafts (None = the operating point's)
     tidar_lookup_tokens: int | None = None  # tidar: longest prompt-lookup draft after the bonus (None = op point's)
+    lookup_occurrence: str | None = None  # tidar: which earlier occurrence lookup copies from (None = op point's)
     datastore_tokens: int | None = None  # tidar: longest datastore draft (None = op point's, 0 = off)
     datastore_confidence: float | None = None  # tidar: where datastore drafts are cut (None = op point's)
     draft_model: str | None = None
@@ -86,7 +87,8 @@ class BenchOptions:
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("block_size", "policy", "policy_k", "lookup_ngram", "draft_model",
                                               "draft_layers", "threshold", "gamma", "lookup_tokens",
-                                              "tidar_lookup_tokens", "datastore_tokens", "datastore_confidence")}
+                                              "tidar_lookup_tokens", "lookup_occurrence", "datastore_tokens",
+                                              "datastore_confidence")}
 
 
 @dataclass
@@ -444,12 +446,28 @@ class LlamaCppRunner:
         return Run(toks, wall, max(self.calls - 1, 0), max(len(toks) - 1, 0))
 
 
+def learning_generate(store: Any) -> Callable[..., Any]:
+    """`generate` drafting from `store`, which then learns each output: the prompts run earlier in
+    the benchmark stand in for a server's earlier traffic. `.reset()` forgets them (after warm-up)."""
+    from tidar.decoding import generate
+
+    def fn(model: Any, prompts: list[list[int]], cfg: Any, on_tokens: Any) -> Any:
+        out = generate(model, prompts, cfg, on_tokens=on_tokens, datastore=store)
+        for seq in out.sequences:
+            store.learn(seq)
+        return out
+
+    fn.reset = store.reset_learned  # type: ignore[attr-defined]
+    return fn
+
+
 def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_len: int = 4096) -> dict[str, Runner]:
     """Load what each method needs (timed nothing yet). `max_len` bounds prompt + new tokens."""
     import torch
 
     engine: dict[str, Any] = {"block_size": opts.block_size, "policy": opts.policy, "policy_k": opts.policy_k,
                               "lookup_ngram": opts.lookup_ngram, "lookup_tokens": opts.tidar_lookup_tokens,
+                              "lookup_occurrence": opts.lookup_occurrence,
                               "datastore_tokens": opts.datastore_tokens, "datastore_confidence": opts.datastore_confidence}
     runners: dict[str, Runner] = {}
     for m in methods:
@@ -459,6 +477,10 @@ def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_
             runners[m] = EngineRunner(runtime, {"mode": "tidar", **engine})
         elif m == "tidar-no-datastore":  # the same without the datastore's drafts, to show their share
             runners[m] = EngineRunner(runtime, {"mode": "tidar", **engine, "datastore_tokens": 0})
+        elif m == "tidar-learn":  # the datastore also learns each output, as `tidar serve --learn` does
+            if runtime.datastore is None:
+                raise BenchError(f"method 'tidar-learn' needs a model with a datastore; {runtime.name} has none")
+            runners[m] = EngineRunner(runtime, {"mode": "tidar", **engine}, learning_generate(runtime.datastore.fork()))
         elif m == "diffusion":
             fn = baseline_function("diffusion_generate")
             runners[m] = EngineRunner(
@@ -598,6 +620,9 @@ def run_bench(runtime: Any, prompts: Sequence[Sequence[int]], methods: Sequence[
     for m in methods:
         for _ in range(warmup):
             runners[m](list(prompts[0]), min(max_new_tokens, WARMUP_TOKENS), stop)
+        reset = getattr(getattr(runners[m], "fn", None), "reset", None)
+        if reset is not None:  # a learning runner must not have seen the first prompt's output
+            reset()
     runs: dict[str, list[Run]] = {m: [] for m in methods}
     bar = None
     if progress:
@@ -718,6 +743,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="tidar: merge prompt-lookup drafts matching the last N tokens (0 = off)")
     p.add_argument("--lookup-tokens", type=int, default=None,
                    help="tidar: longest prompt-lookup draft after the committed token; may exceed the block (0 = b-1)")
+    p.add_argument("--lookup-occurrence", choices=["longest", "latest"], default=None,
+                   help="tidar: which earlier occurrence prompt lookup copies from (default: the operating point)")
     p.add_argument("--datastore-tokens", type=int, default=None,
                    help="tidar: longest draft from the model's datastore (0 = off; default: the operating point)")
     p.add_argument("--datastore-confidence", type=float, default=None,
@@ -751,7 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(model=args.model, dtype=args.dtype, threads=args.threads, block_size=args.block_size,
                         policy=args.policy, policy_k=args.policy_k, lookup_ngram=args.lookup_ngram,
-                        tidar_lookup_tokens=args.lookup_tokens, draft_model=args.draft_model, draft_layers=args.draft_layers,
+                        tidar_lookup_tokens=args.lookup_tokens, lookup_occurrence=args.lookup_occurrence,
+                        draft_model=args.draft_model, draft_layers=args.draft_layers,
                         datastore_tokens=args.datastore_tokens, datastore_confidence=args.datastore_confidence,
                         threshold=args.threshold,
                         gamma=args.gamma)

@@ -69,6 +69,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="merge prompt-lookup drafts matching the last N tokens (0 = off)")
     p.add_argument("--lookup-tokens", type=int, default=None,
                    help="longest prompt-lookup draft after the committed token; may exceed the block (0 = b-1)")
+    p.add_argument("--lookup-occurrence", choices=["longest", "latest"], default=None,
+                   help="copy after the earlier occurrence whose preceding tokens match furthest back "
+                        "(longest), or the most recent one (default: the model's operating point)")
     p.add_argument("--datastore-tokens", type=non_negative_int, default=None,
                    help="longest draft from the model's datastore of its own outputs, where prompt lookup "
                         "finds nothing (0 = off; default: the model's operating point)")

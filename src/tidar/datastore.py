@@ -14,6 +14,7 @@ first (`draft`), so one step costs a few binary searches.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,6 +24,10 @@ from safetensors.numpy import load_file, save_file
 
 DATASTORE_FILE = "datastore.safetensors"
 ORDERS = (4, 3, 2)
+# learned tokens kept in memory (a Python n-gram index: about 540 bytes per token of HumanEval
+# answers over three orders, measured with tracemalloc, so ~110 MB at the limit); past
+# this the learned part starts again from empty, so a long-running server stays bounded
+LEARN_LIMIT = 200_000
 
 
 class DatastoreError(ValueError):
@@ -53,6 +58,46 @@ class Datastore:
         self.sequences = len(parts) // 2
         self._base = vocab_size + 1
         self._tables = {n: self._table(n) for n in self.orders}
+        self.reset_learned()
+
+    # -- learning from served outputs (SuffixDecoding-style): a small overlay the tables don't hold
+    def reset_learned(self) -> None:
+        """Forget every sequence `learn` added."""
+        self._learned: list[int] = []  # added sequences, each ended by the separator
+        self._learned_index: dict[tuple[int, ...], dict[int, list[int]]] = {}  # n-gram -> next -> [count, start]
+        self.learned_sequences = 0
+
+    def learn(self, sequence: Sequence[int]) -> None:
+        """Add one sequence (an output the model just wrote); later drafts prefer what the learned
+        sequences hold: recent outputs are the likeliest to be repeated (same user, same task).
+        Past LEARN_LIMIT learned tokens, the learned part is forgotten first."""
+        seq = [int(t) for t in sequence]
+        if any(not 0 <= t < self.vocab_size for t in seq):
+            raise DatastoreError(f"token ids must lie in [0, {self.vocab_size}), got {min(seq)}..{max(seq)}")
+        if self.learned_tokens + len(seq) > LEARN_LIMIT:
+            self.reset_learned()
+        offset = len(self._learned)
+        self._learned.extend(seq)
+        self._learned.append(self.vocab_size)
+        self.learned_sequences += 1
+        for n in self.orders:
+            for i in range(n, len(seq)):
+                succ = self._learned_index.setdefault(tuple(seq[i - n: i]), {})
+                entry = succ.get(seq[i])
+                if entry is None:
+                    succ[seq[i]] = [1, offset + i]
+                else:
+                    entry[0] += 1
+
+    @property
+    def learned_tokens(self) -> int:
+        return len(self._learned) - self.learned_sequences
+
+    def fork(self) -> Datastore:
+        """A datastore sharing these tables (read-only) whose learning stays its own."""
+        other = copy.copy(self)
+        other.reset_learned()
+        return other
 
     def _keys(self, n: int) -> np.ndarray:
         """Each n-gram as one int64: its digits in base vocab_size + 1, exact while that fits (n <= 4
@@ -121,22 +166,29 @@ class Datastore:
                 hit = self._lookup(ctx)
                 if hit is None:
                     break
-                start, share = hit
+                src, start, share = hit
                 p *= share
                 if p < min_confidence:
                     break
-                out.append(int(self.tokens[start]))
+                out.append(int(src[start]))
                 ctx.append(out[-1])
             return out
         hit = self._lookup(context)
         if hit is None:
             return []
-        cont = self.tokens[hit[0]: hit[0] + limit]
-        end = np.flatnonzero(cont == self.vocab_size)
-        return cont[: end[0] if len(end) else len(cont)].tolist()
+        src, start, _ = hit
+        cont = [int(t) for t in src[start: start + limit]]
+        return cont[: cont.index(self.vocab_size)] if self.vocab_size in cont else cont
 
-    def _lookup(self, context: Sequence[int]) -> tuple[int, float] | None:
-        """(continuation start, its next token's share) for the longest n-gram found, or None."""
+    def _lookup(self, context: Sequence[int]) -> tuple[Sequence[int], int, float] | None:
+        """(token array, continuation start in it, its next token's share) for the longest n-gram
+        found, learned sequences first; or None."""
+        if self._learned_index:
+            for n in self.orders:
+                succ = self._learned_index.get(tuple(context[-n:])) if len(context) >= n else None
+                if succ:
+                    _, (count, start) = min(succ.items(), key=lambda kv: (-kv[1][0], kv[0]))
+                    return self._learned, start, count / sum(c for c, _ in succ.values())
         for n in self.orders:
             if len(context) < n:
                 continue
@@ -146,12 +198,13 @@ class Datastore:
             keys, starts, share = self._tables[n]
             i = int(np.searchsorted(keys, key))
             if i < len(keys) and keys[i] == key:
-                return int(starts[i]), float(share[i])
+                return self.tokens, int(starts[i]), float(share[i])
         return None
 
     def successors(self, context: Sequence[int], k: int) -> list[tuple[int, float]]:
-        """The k most frequent next tokens after the longest of the context's last n-grams found,
-        with their shares of its occurrences (empty when none is found)."""
+        """The k most frequent next tokens after the longest of the context's last n-grams found in
+        the tables (learned sequences aside), with their shares of its occurrences (empty when
+        none is found)."""
         for n in self.orders:
             if len(context) < n or any(not 0 <= v < self.vocab_size for v in context[-n:]):
                 continue
@@ -165,7 +218,8 @@ class Datastore:
 
     def drafts(self, context: Sequence[int], limit: int, k: int) -> list[list[int]]:
         """Up to k drafts of up to `limit` tokens, each starting with a different next token: the
-        successors of the longest n-gram found, most frequent first, then those of shorter ones."""
+        successors of the longest n-gram found in the tables (learned sequences aside), most
+        frequent first, then those of shorter ones."""
         out: list[list[int]] = []
         if limit <= 0 or k <= 0:
             return out
@@ -198,7 +252,8 @@ class Datastore:
         meta = {"vocab_size": str(self.vocab_size), "orders": json.dumps(list(self.orders)),
                 "meta": json.dumps(self.meta)}
         tmp = path.with_suffix(".tmp")
-        save_file({"tokens": self.tokens.astype(dtype)}, str(tmp), metadata=meta)
+        flat = np.concatenate([self.tokens, np.asarray(self._learned, dtype=np.int64)])  # learned ones too
+        save_file({"tokens": flat.astype(dtype)}, str(tmp), metadata=meta)
         tmp.replace(path)
         return path
 

@@ -36,6 +36,7 @@ class Runtime:
         self.tokenizer = tokenizer
         self.operating_point = operating_point or {}
         self.name = name
+        self.learn = False  # whether the datastore learns each output (`tidar serve --learn`)
         # kept on the model, so `generate(rt.model, ...)` and `model.generate` draft from it too
         model.datastore = datastore
 
@@ -107,7 +108,7 @@ class Runtime:
                               "datastore_confidence": self.operating_point.get("datastore_confidence", 0.0)}
         if args is not None:
             for k in ("mode", "max_new_tokens", "block_size", "policy", "policy_k", "beta", "lookup_ngram", "lookup_tokens",
-                      "min_draft_gain", "datastore_tokens", "datastore_confidence", "do_sample",
+                      "lookup_occurrence", "min_draft_gain", "datastore_tokens", "datastore_confidence", "do_sample",
                       "temperature", "top_k", "top_p", "seed"):
                 v = getattr(args, k, None)
                 if v is not None:
@@ -176,6 +177,9 @@ class Runtime:
         t0 = time.perf_counter()
         out = generate(self.model, [list(p) for p in prompts], gen, on_tokens=on_tokens)
         wall = time.perf_counter() - t0
+        if self.learn and self.datastore is not None:
+            for seq in out.sequences:
+                self.datastore.learn(seq)
         eos = set(self.eos_ids)
         results = []
         for i, s in enumerate(streamers):

@@ -360,7 +360,9 @@ def create_app(runtime: Runtime, model_name: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.name}
+        ds = runtime.datastore
+        learned = {"learned_sequences": ds.learned_sequences, "learned_tokens": ds.learned_tokens} if runtime.learn and ds else {}
+        return {"status": "ok", "model": engine.name, **learned}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -404,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compile", action=BooleanOptionalAction, default=None,
                    help="torch.compile the decoder blocks (default: the model's operating point)")
     p.add_argument("--served-model-name", default=None, help="model id reported by the API (default: directory name)")
+    p.add_argument("--learn", action="store_true",
+                   help="the model's datastore learns every output served, so later requests can draft from "
+                        "earlier answers (kept in memory only)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(list(argv) if argv is not None else None)
 
@@ -415,6 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.learn:
+        if runtime.datastore is None:
+            print(f"error: --learn needs a model with a datastore; {runtime.name} has none "
+                  "(build one with `tidar datastore build`)", file=sys.stderr)
+            return 2
+        runtime.learn = True
     logging.basicConfig(level=args.log_level.upper())
     app = create_app(runtime, args.served_model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
