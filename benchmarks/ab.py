@@ -22,7 +22,7 @@ import argparse
 import json
 import time
 
-from tidar.bench import load_prompts
+from tidar.bench import Prompt, load_prompts
 from tidar.decoding import Decoder
 from tidar.model import FusedLinear
 from tidar.runtime import Runtime
@@ -37,7 +37,9 @@ def fused_projections(model) -> dict[str, list[FusedLinear]]:  # noqa: ANN001
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", required=True, help="JSON object: name -> GenerationConfig overrides")
-    p.add_argument("--prompts", choices=["humaneval", "prose"], default="humaneval")
+    p.add_argument("--prompts", choices=["humaneval", "prose", "demo"], default="humaneval",
+                   help="demo: `make demo`'s three prompts (use --repeat to time them several times)")
+    p.add_argument("--repeat", type=int, default=1, help="run every prompt this many times")
     p.add_argument("--data", default="data/shards", help="shard directory for --prompts prose")
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--limit", type=int, default=20)
@@ -47,8 +49,13 @@ def main() -> None:
     variants = json.loads(args.variants)
     runtimes = {m: Runtime.load(m, dtype=args.dtype) for m in dict.fromkeys(v.get("model") for v in variants.values())}
     rt = runtimes[None] if None in runtimes else next(iter(runtimes.values()))
-    chosen = load_prompts(args.prompts, args.start + args.limit, args.data)[args.start:]
-    prompts = [rt.encode(x.text, chat=x.chat) for x in chosen]
+    if args.prompts == "demo":
+        from tidar.demo import PROMPTS
+
+        chosen = [Prompt(text, chat) for _, text, chat in PROMPTS][args.start: args.start + args.limit]
+    else:
+        chosen = load_prompts(args.prompts, args.start + args.limit, args.data)[args.start:]
+    prompts = [rt.encode(x.text, chat=x.chat) for x in chosen for _ in range(args.repeat)]
     names = list(variants)
     fused = {m: fused_projections(r.model) for m, r in runtimes.items()}
     adapters = {m: {k: [f.lora_b for f in fs] for k, fs in fm.items()} for m, fm in fused.items()}

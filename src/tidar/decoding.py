@@ -8,7 +8,8 @@ gives the rest of the next draft. Greedy output equals AR greedy output; samplin
 speculative rejection sampling so the output distribution equals AR sampling.
 
 Prompt lookup (optional): when the context's last n-gram occurred earlier, what followed it there
-replaces d_2.. and may run past the block (`lookup_tokens`). A step verifying such a span feeds no
+(at the occurrence whose preceding tokens match the context furthest back) replaces d_2.. and may
+run past the block (`lookup_tokens`). A step verifying such a span feeds no
 [MASK] blocks by default (`span_predraft`): inside a repeat the next draft is usually a copied
 span again, and mask rows are the expensive part of a CPU step (they run the adapter). After a
 partial acceptance the next draft is then the bonus token alone (plus any new lookup span), and
