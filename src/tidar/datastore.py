@@ -177,7 +177,8 @@ class Datastore:
         if hit is None:
             return []
         src, start, _ = hit
-        cont = [int(t) for t in src[start: start + limit]]
+        cont = src[start: start + limit]
+        cont = cont.tolist() if isinstance(cont, np.ndarray) else cont  # the tables' array, or the learned list
         return cont[: cont.index(self.vocab_size)] if self.vocab_size in cont else cont
 
     def _lookup(self, context: Sequence[int]) -> tuple[Sequence[int], int, float] | None:
