@@ -160,6 +160,23 @@ def main() -> None:
     show("lookup 16, latest, no datastore",
          simulate(data, Engine(rt, lookup_tokens=16, lookup_occurrence="latest", datastore_tokens=0), single, latency))
 
+    print("-- lookup spans that adapt: +up tokens after a fully accepted span, -down after a rejection")
+
+    def adaptive(lo: int, hi: int, up: int, down: int) -> Policy:
+        last: dict = {"draft": None, "start": 0}
+
+        def pol(e: Engine) -> list[list[int]]:
+            if last["draft"]:  # how the previous lookup span fared decides this one's length
+                full = matched(last["draft"], e.ctx[last["start"]:]) >= len(last["draft"])
+                e.dec.lookup_limit = min(hi, e.dec.lookup_limit + up) if full else max(lo, e.dec.lookup_limit - down)
+            draft, source = e.dec._continuation(0)
+            last.update(draft=draft if source == "lookup" else None, start=len(e.ctx))
+            return [draft]
+        return pol
+
+    for lo, hi, up, down in ((8, 16, 4, 2), (8, 24, 8, 8), (8, 32, 8, 4), (6, 16, 4, 2)):
+        show(f"lookup {lo}..{hi}, +{up} / -{down}", simulate(data, Engine(rt, lookup_tokens=lo), adaptive(lo, hi, up, down), latency))
+
     print("-- a datastore that grows with the outputs served so far (SuffixDecoding-style)")
     online: dict = {"ds": None, "seqs": []}
 
