@@ -98,6 +98,29 @@ def test_batch_equals_alone(policy):
     assert batch == [ar(model, [p], 30)[0] for p in ps]
 
 
+def test_batch_past_max_draft_batch_decodes_as_ar_and_the_decoder_drafts_again_for_a_small_one():
+    model = tiny_model(seed=2)
+    ps = prompts(3, seed=6)
+    cfg = GenerationConfig(max_new_tokens=20, block_size=3, max_draft_batch=2)
+    expected = [ar(model, [p], 20)[0] for p in ps]
+    dec = Decoder(model, cfg)
+    big = [[] for _ in ps]
+    for step in dec.stream(ps):
+        for i, toks in enumerate(step):
+            big[i].extend(toks)
+    assert big == expected
+    assert dec.stats.mode == "ar" and dec.stats.query_tokens == dec.stats.forwards  # one row per step
+    assert dec.stats.as_dict()["mode"] == "ar"
+    small = [[] for _ in ps[:2]]
+    for step in dec.stream(ps[:2]):  # within the limit: TiDAR again, on the same Decoder
+        for i, toks in enumerate(step):
+            small[i].extend(toks)
+    assert small == expected[:2]
+    assert dec.stats.mode == "tidar" and dec.stats.query_tokens > 2 * dec.stats.forwards
+    with pytest.raises(GenerationError, match="max_draft_batch"):
+        generate(model, ps, GenerationConfig(max_draft_batch=-1))
+
+
 def test_eos_ends_mid_block_like_ar():
     model = tiny_model(seed=3)
     p = prompts(1, seed=11)[0]

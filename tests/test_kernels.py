@@ -75,6 +75,22 @@ def test_decode_attention_row_is_the_same_alone_or_among_others():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_depends_on_the_attended_keys_not_on_their_slots(dtype):
+    """A batch leaves masked slots inside a sequence's cache (left padding, drafts rejected while
+    another sequence accepted more): a row must give, bit for bit, what it gives over the same keys
+    packed together, as in a batch of one (greedy TiDAR in a batch == AR alone)."""
+    q, k_t, v, mask = random_case(11, 1, 6, 320, 300, dtype=dtype)
+    mask[:] = torch.rand(300, generator=torch.Generator().manual_seed(3)) > 0.4  # the same holes for every row
+    mask[..., 0] = True
+    keep = mask[0, 0, 0].nonzero().squeeze(-1)
+    n = len(keep)
+    packed = kernels.decode_attention(q, k_t[..., keep], v[:, :, keep], attention_bias(mask[..., keep], n, 1), n)
+    for width in (300, 320):
+        assert torch.equal(kernels.decode_attention(q, k_t, v, attention_bias(mask, width, 1), 300), packed)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_add_adds_the_up_projection_on_mask_rows_only(dtype):
     g = torch.Generator().manual_seed(0)
     for n, r, row_start in ((960, 96, 7), (80, 8, 0), (3072, 64, 10)):  # 80: a 64-column block and a 16-column tail

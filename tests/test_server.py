@@ -108,6 +108,19 @@ def test_prompt_list_is_one_batch(client, runtime):
     assert [c["text"] for c in body["choices"]] == [e.text for e in expected]
 
 
+def test_a_prompt_list_past_max_draft_batch_is_decoded_as_ar_and_says_so():
+    rt = Runtime(tiny_model(), CharTokenizer(), {"block_size": 3, "max_draft_batch": 1}, name="/models/tiny")
+    prompts = ["one", "a longer prompt"]
+    expected = [rt.generate_text(p, greedy(rt, 12, mode="ar")).text for p in prompts]
+    with TestClient(create_app(rt)) as c:
+        both = c.post("/v1/completions", json={"prompt": prompts, "max_tokens": 12, "temperature": 0}).json()
+        one = c.post("/v1/completions", json={"prompt": prompts[0], "max_tokens": 12, "temperature": 0}).json()
+    assert [x["text"] for x in both["choices"]] == expected
+    assert both["tidar"]["mode"] == "ar" and both["tidar"]["block_size"] == 1
+    assert one["choices"][0]["text"] == expected[0]
+    assert one["tidar"]["mode"] == "tidar" and one["tidar"]["block_size"] == 3
+
+
 def test_token_id_prompt(client, runtime):
     ids = runtime.encode("Hello")
     a = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0}).json()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,10 @@ class GenerationConfig:
     # share of its n-gram's successors in the datastore) falls below this: long where the model's
     # earlier outputs agree, short where they scatter (rows cost time). 0 = always the full length.
     datastore_confidence: float = 0.0
+    # A batch of more prompts than this decodes as AR (vLLM's speculative_disable_by_batch_size):
+    # every sequence's draft rows cost compute, and a batch pads each draft to its longest, so on a
+    # CPU a large batch runs faster without drafts. The output is the AR model's either way. 0 = never.
+    max_draft_batch: int = 0
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -117,12 +121,15 @@ class GenerationConfig:
             raise GenerationError(f"min_draft_gain must be >= 0, got {self.min_draft_gain}")
         if self.datastore_tokens < 0:
             raise GenerationError(f"datastore_tokens must be >= 0, got {self.datastore_tokens}")
+        if self.max_draft_batch < 0:
+            raise GenerationError(f"max_draft_batch must be >= 0, got {self.max_draft_batch}")
         if not 0.0 <= self.datastore_confidence < 1.0:
             raise GenerationError(f"datastore_confidence must be in [0, 1), got {self.datastore_confidence}")
 
 
 @dataclass
 class GenerationStats:
+    mode: str = "tidar"  # the mode that ran ("ar" for a batch past `max_draft_batch`)
     forwards: int = 0  # model forwards after prefill
     generated_tokens: int = 0
     step_tokens: int = 0  # tokens emitted by decode steps (the prefill emits each sequence's first)
@@ -156,6 +163,7 @@ class GenerationStats:
 
     def as_dict(self) -> dict:
         return {
+            "mode": self.mode,
             "forwards": self.forwards,
             "generated_tokens": self.generated_tokens,
             "tokens_per_forward": round(self.tokens_per_forward, 4),
@@ -250,16 +258,9 @@ class Decoder:
             raise GenerationError("datastore_tokens > 0 needs a datastore (this model ships none): "
                                   "set datastore_tokens=0 or build one with `tidar datastore build`")
         self.model = model
-        self.cfg = config
-        self.b = config.block_size or model.config.block_size
-        self.datastore = datastore if config.datastore_tokens else None
-        # the longest draft a step verifies: the diffusion block, or a longer copied span
-        self.max_draft = self.b
-        self.lookup_limit = max(self.b - 1, config.lookup_tokens)
-        self.copies = config.mode == "tidar" and self.b > 1 and (bool(config.lookup_ngram) or self.datastore is not None)
-        if self.copies:
-            self.max_draft = max(self.b, 1 + (self.lookup_limit if config.lookup_ngram else 0),
-                                 1 + config.datastore_tokens if self.datastore is not None else 0)
+        self._store = datastore
+        self.requested = config  # what stream() runs, unless the batch is past max_draft_batch
+        self._configure(config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.eos = set(config.eos_token_id or model.config.eos_ids)
@@ -272,6 +273,18 @@ class Decoder:
         self.draft_gain: list[float] = []  # running diffusion-draft tokens accepted per step
         self.plain_steps_left = 0  # steps to run without [MASK] rows (min_draft_gain)
         self.accept_counts = torch.ones(self.b)  # running statistics for the top-k policy
+
+    def _configure(self, config: GenerationConfig) -> None:
+        self.cfg = config
+        self.b = config.block_size or self.model.config.block_size
+        self.datastore = self._store if config.datastore_tokens else None
+        # the longest draft a step verifies: the diffusion block, or a longer copied span
+        self.max_draft = self.b
+        self.lookup_limit = max(self.b - 1, config.lookup_tokens)
+        self.copies = config.mode == "tidar" and self.b > 1 and (bool(config.lookup_ngram) or self.datastore is not None)
+        if self.copies:
+            self.max_draft = max(self.b, 1 + (self.lookup_limit if config.lookup_ngram else 0),
+                                 1 + config.datastore_tokens if self.datastore is not None else 0)
 
     # layouts are cached per draft length and set of pre-drafted acceptance lengths
     def layout(self, n_clean: int, accept_lengths: tuple[int, ...]) -> StepLayout:
@@ -329,10 +342,15 @@ class Decoder:
 
         Emission stops for a sequence at EOS (included) or max_new_tokens; nothing after is emitted.
         """
-        cfg, b, model = self.cfg, self.b, self.model
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GenerationError("every prompt needs at least one token")
         B = len(prompts)
+        want = self.requested
+        if want.mode == "tidar" and 0 < want.max_draft_batch < B:
+            want = replace(want, mode="ar")
+        if want is not self.cfg:
+            self._configure(want)
+        cfg, b, model = self.cfg, self.b, self.model
         n_max = max(len(p) for p in prompts)
         tidar = cfg.mode == "tidar"
         step_tokens = (self.max_draft + b * (b + 1)) if tidar else 1
@@ -346,7 +364,7 @@ class Decoder:
                 f"{model.config.max_position_embeddings} positions"
             )
         cache = self.cache = KVCache(model.config, B, max_len, self.dtype, self.device)
-        stats = self.stats = GenerationStats(acceptance_histogram=[0] * (self.max_draft if tidar else 1))
+        stats = self.stats = GenerationStats(mode=cfg.mode, acceptance_histogram=[0] * (self.max_draft if tidar else 1))
         emitted = [0] * B
         done = self.done = [False] * B
         self.draft_gain = [1.0] * B

@@ -5,7 +5,8 @@ A decode step of a model this small is dominated by per-call overhead: each oneD
 layer besides its four projections. Fused kernels replace most of them:
 
 - `decode_attention`: softmax attention over the KV cache whose every query row is computed the same
-  way whatever the other rows of the call (TiDAR's greedy output must equal AR's bit for bit);
+  way whatever the other rows of the call and whatever cache slots its keys sit in (TiDAR's greedy
+  output must equal AR's bit for bit, alone or in a batch);
 - `lora_add_`: the adapter's up-projection added in place on the [MASK] rows (bfloat16 dot products
   where the CPU has AVX512-BF16);
 - `rms_norm`, `add_rms_norm` (the residual add and the next norm in one pass), `silu_mul` (SwiGLU's

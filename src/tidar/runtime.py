@@ -106,10 +106,11 @@ class Runtime:
                               "span_predraft": self.operating_point.get("span_predraft", False),
                               "min_draft_gain": self.operating_point.get("min_draft_gain", 0.0),
                               "datastore_tokens": self.operating_point.get("datastore_tokens", 0) if self.datastore is not None else 0,
-                              "datastore_confidence": self.operating_point.get("datastore_confidence", 0.0)}
+                              "datastore_confidence": self.operating_point.get("datastore_confidence", 0.0),
+                              "max_draft_batch": self.operating_point.get("max_draft_batch", 0)}
         if args is not None:
             for k in ("mode", "max_new_tokens", "block_size", "policy", "policy_k", "beta", "lookup_ngram", "lookup_tokens",
-                      "lookup_occurrence", "min_draft_gain", "datastore_tokens", "datastore_confidence", "do_sample",
+                      "lookup_occurrence", "min_draft_gain", "datastore_tokens", "datastore_confidence", "max_draft_batch", "do_sample",
                       "temperature", "top_k", "top_p", "seed"):
                 v = getattr(args, k, None)
                 if v is not None:

@@ -222,8 +222,10 @@ def _usage(prompts: list[list[int]], results: list[TextResult]) -> dict[str, int
 
 
 def _tidar_stats(gen: GenerationConfig, engine: Engine, stats: dict[str, Any]) -> dict[str, Any]:
+    # the mode that ran: a batch past the operating point's max_draft_batch decodes as AR
+    mode = stats.get("mode", gen.mode)
     b = gen.block_size or engine.runtime.model.config.block_size
-    return {"mode": gen.mode, "block_size": b if gen.mode == "tidar" else 1, **stats}
+    return {**stats, "mode": mode, "block_size": b if mode == "tidar" else 1}
 
 
 def _sse(obj: dict[str, Any] | str) -> str:

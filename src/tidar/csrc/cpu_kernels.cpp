@@ -5,12 +5,15 @@
 // works row by row (a row's result never depends on the other rows of the call).
 //
 // Exactness contract of `decode_attention`: each query row's output is a function of that row's
-// query, the keys/values it may attend to and its mask row only, computed by the same instruction
-// sequence whatever the number of rows in the call, the cache capacity or the thread split. That is
-// what makes a token verified among many rows equal, bit for bit, to the same token in a one-token
-// AR step. Hence: fixed per-lane summation orders, key blocks padded to a whole vector (no scalar
-// tails), masked keys contributing exact zeros, and our own polynomial exp (libm's vector and
-// scalar exp round differently, and which one a compiler uses can depend on the loop shape).
+// query and the sequence of keys/values it attends to only, computed by the same instruction
+// sequence whatever the number of rows in the call, the cache capacity, the thread split, or the
+// slots those keys sit in. That is what makes a token verified among many rows equal, bit for bit,
+// to the same token in a one-token AR step, and a sequence in a batch (left padding, holes left by
+// drafts rejected while another sequence accepted more) equal to the same sequence alone. Hence:
+// sums that run over keys in order (masked keys contribute exact zeros, which change no nonzero
+// sum), each key's score summed over d in a fixed order, key blocks padded to a whole vector (no
+// scalar tails), and our own polynomial exp (libm's vector and scalar exp round differently, and
+// which one a compiler uses can depend on the loop shape).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -117,6 +120,10 @@ inline vf exp_nonpositive(vf x) {
 constexpr int ROWS = 6;  // rows that share one pass over the values (their sums live in registers)
 constexpr int TASK_ROWS = 16;  // query rows per task: they share each converted key block
 constexpr int QROWS = 8;  // rows whose scores are summed side by side (TASK_ROWS is a multiple)
+// rows per pass over the values: their sums (4 vectors each at head_dim 64) and denominators, the
+// value vectors and a weight fit AVX-512's 32 registers (6 rows spilled: 10% slower here), and 4
+// divides a task's 16 rows
+constexpr int VROWS = 4;
 
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
@@ -199,36 +206,38 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
       }
       // exp(score - max); masked keys give exact zeros
-      float inv[TASK_ROWS];
       for (int64_t i = 0; i < nr; ++i) {
         float* pr = probs.data() + i * n_pad;
         const vf m = splat(hmax(mx[i]));
-        vf sum = splat(0.0f);
-        for (int64_t s = 0; s < n_pad; s += L) {
-          vf e = exp_nonpositive(load(pr + s) - m);
-          store(pr + s, e);
-          sum = sum + e;
-        }
-        inv[i] = 1.0f / hsum(sum);
+        for (int64_t s = 0; s < n_pad; s += L) store(pr + s, exp_nonpositive(load(pr + s) - m));
       }
-      // weighted sum of values, keys in order (a masked key adds +-0, which changes no nonzero sum)
-      for (int64_t i0 = 0; i0 < nr; i0 += ROWS) {
-        const int64_t ni = std::min<int64_t>(ROWS, nr - i0);
-        vf acc[ROWS][DV];
-        for (int64_t i = 0; i < ni; ++i)
+      // weighted sum of values and the softmax denominator, both keys in order: a masked key adds
+      // +-0, which changes no nonzero sum, so the result depends only on the sequence of attended
+      // keys, not on which slots they sit in (a batch's left padding, the holes its ragged
+      // acceptance leaves in the cache). Summing the denominator by lane (slot mod 16) would not.
+      for (int64_t i0 = 0; i0 < nr; i0 += VROWS) {
+        const int64_t ni = std::min<int64_t>(VROWS, nr - i0);
+        vf acc[VROWS][DV];
+        float den[VROWS];
+        for (int64_t i = 0; i < ni; ++i) {
+          den[i] = 0.0f;
           for (int64_t d = 0; d < DV; ++d) acc[i][d] = splat(0.0f);
+        }
         for (int64_t s = 0; s < n_keys; ++s) {
           const T* vrow = vb + s * vs2;
           vf vv[DV];
           for (int64_t d = 0; d < DV; ++d) vv[d] = load(vrow + d * L);
           for (int64_t i = 0; i < ni; ++i) {
-            const vf p = splat(probs[(i0 + i) * n_pad + s]);
+            const float ps = probs[(i0 + i) * n_pad + s];
+            den[i] += ps;
+            const vf p = splat(ps);
             for (int64_t d = 0; d < DV; ++d) acc[i][d] = acc[i][d] + p * vv[d];
           }
         }
         for (int64_t i = 0; i < ni; ++i) {
           T* orow = op + b * os0 + head[i0 + i] * os1 + tok[i0 + i] * os2;
-          for (int64_t d = 0; d < DV; ++d) store(orow + d * L, acc[i][d] * splat(inv[i0 + i]));
+          const vf inv = splat(1.0f / den[i]);
+          for (int64_t d = 0; d < DV; ++d) store(orow + d * L, acc[i][d] * inv);
         }
       }
     }
