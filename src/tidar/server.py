@@ -8,7 +8,8 @@ acceptance_histogram, tokens_per_s, ...).
 
 Concurrency: the model and its KV cache are not re-entrant, so every generation runs on one
 dedicated worker thread and requests queue in arrival order. A list of prompts in one
-/v1/completions request is decoded as one batch; batching *across* requests (continuous
+/v1/completions request is decoded as one batch (as AR past the operating point's
+max_draft_batch, where drafting stops paying on a CPU); batching *across* requests (continuous
 batching) is future work.
 
 Streaming sends the text of each decoding step as the engine commits it (stop strings are held
