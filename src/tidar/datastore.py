@@ -177,9 +177,34 @@ class Datastore:
         if hit is None:
             return []
         src, start, _ = hit
+        return self._continuation(src, start, limit)
+
+    def _continuation(self, src: Sequence[int], start: int, limit: int) -> list[int]:
+        """Up to `limit` tokens of `src` (the tables' array, or the learned list) from `start`, cut
+        at the end of their sequence."""
         cont = src[start: start + limit]
-        cont = cont.tolist() if isinstance(cont, np.ndarray) else cont  # the tables' array, or the learned list
+        cont = cont.tolist() if isinstance(cont, np.ndarray) else cont
         return cont[: cont.index(self.vocab_size)] if self.vocab_size in cont else cont
+
+    def _row(self, context: Sequence[int], n: int) -> int | None:
+        """The first row of the order-n table for the context's last n-gram, or None if absent."""
+        if len(context) < n:
+            return None
+        key = self._key(context[-n:])
+        if key == -1 and any(not 0 <= v < self.vocab_size for v in context[-n:]):
+            return None
+        keys = self._tables[n][0]
+        i = int(np.searchsorted(keys, key))
+        return i if i < len(keys) and keys[i] == key else None
+
+    def _rows(self, context: Sequence[int], n: int) -> range:
+        """All rows of the order-n table for the context's last n-gram (one per next token seen,
+        most frequent first); empty if absent."""
+        i = self._row(context, n)
+        if i is None:
+            return range(0)
+        keys = self._tables[n][0]
+        return range(i, int(np.searchsorted(keys, keys[i], side="right")))
 
     def _lookup(self, context: Sequence[int]) -> tuple[Sequence[int], int, float] | None:
         """(token array, continuation start in it, its next token's share) for the longest n-gram
@@ -191,14 +216,9 @@ class Datastore:
                     _, (count, start) = min(succ.items(), key=lambda kv: (-kv[1][0], kv[0]))
                     return self._learned, start, count / sum(c for c, _ in succ.values())
         for n in self.orders:
-            if len(context) < n:
-                continue
-            key = self._key(context[-n:])
-            if key == -1 and any(not 0 <= v < self.vocab_size for v in context[-n:]):
-                continue
-            keys, starts, share = self._tables[n]
-            i = int(np.searchsorted(keys, key))
-            if i < len(keys) and keys[i] == key:
+            i = self._row(context, n)
+            if i is not None:
+                _, starts, share = self._tables[n]
                 return self.tokens, int(starts[i]), float(share[i])
         return None
 
@@ -207,14 +227,10 @@ class Datastore:
         the tables (learned sequences aside), with their shares of its occurrences (empty when
         none is found)."""
         for n in self.orders:
-            if len(context) < n or any(not 0 <= v < self.vocab_size for v in context[-n:]):
-                continue
-            keys, starts, share = self._tables[n]
-            key = self._key(context[-n:])
-            i = int(np.searchsorted(keys, key))
-            if i < len(keys) and keys[i] == key:
-                j = min(int(np.searchsorted(keys, key, side="right")), i + k)
-                return [(int(self.tokens[s]), float(w)) for s, w in zip(starts[i:j], share[i:j], strict=True)]
+            rows = self._rows(context, n)[:k]
+            if rows:
+                _, starts, share = self._tables[n]
+                return [(int(self.tokens[starts[r]]), float(share[r])) for r in rows]
         return []
 
     def drafts(self, context: Sequence[int], limit: int, k: int) -> list[list[int]]:
@@ -226,15 +242,9 @@ class Datastore:
             return out
         firsts: set[int] = set()
         for n in self.orders:
-            if len(context) < n or any(not 0 <= v < self.vocab_size for v in context[-n:]):
-                continue
-            keys, starts, _ = self._tables[n]
-            key = self._key(context[-n:])
-            i, j = int(np.searchsorted(keys, key)), int(np.searchsorted(keys, key, side="right"))
-            for s in starts[i:j]:
-                cont = self.tokens[int(s): int(s) + limit]
-                end = np.flatnonzero(cont == self.vocab_size)
-                cont = cont[: end[0] if len(end) else len(cont)].tolist()
+            starts = self._tables[n][1]
+            for r in self._rows(context, n):
+                cont = self._continuation(self.tokens, int(starts[r]), limit)
                 if cont and cont[0] not in firsts:
                     firsts.add(cont[0])
                     out.append(cont)

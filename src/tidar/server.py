@@ -223,10 +223,9 @@ def _usage(prompts: list[list[int]], results: list[TextResult]) -> dict[str, int
 
 
 def _tidar_stats(gen: GenerationConfig, engine: Engine, stats: dict[str, Any]) -> dict[str, Any]:
-    # the mode that ran: a batch past the operating point's max_draft_batch decodes as AR
-    mode = stats.get("mode", gen.mode)
+    # stats["mode"] is the mode that ran: a batch past the operating point's max_draft_batch decodes as AR
     b = gen.block_size or engine.runtime.model.config.block_size
-    return {**stats, "mode": mode, "block_size": b if mode == "tidar" else 1}
+    return {**stats, "block_size": b if stats["mode"] == "tidar" else 1}
 
 
 def _sse(obj: dict[str, Any] | str) -> str:
