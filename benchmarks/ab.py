@@ -1,6 +1,6 @@
 """Same-process A/B of engine variants on HumanEval (or held-out prose) prompts: each variant is a set of
 GenerationConfig overrides on top of the shipped operating point (plus "pack": false for plain
-F.linear weights, "kernels": false for the engine's PyTorch path instead of `tidar.kernels`, and
+F.linear weights, "kernels": false for the engine's PyTorch path instead of `tidar.model.kernels`, and
 "adapter_off": ["o", "down"] to run those fused projections without their mask-row adapter, and "model": a
 model directory to run instead of the shipped one, e.g. a candidate drafter from `tidar export`), run
 interleaved per prompt with the order rotated, so machine noise hits all variants alike. Reports
@@ -22,9 +22,9 @@ import argparse
 import json
 import time
 
-from tidar.bench import Prompt, load_prompts
-from tidar.decoding import Decoder
-from tidar.model import FusedLinear
+from tidar.decode.engine import Decoder
+from tidar.measure.bench import Prompt, load_prompts
+from tidar.model.transformer import FusedLinear
 from tidar.runtime import Runtime
 
 

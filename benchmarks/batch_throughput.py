@@ -5,7 +5,7 @@ prompts, ragged acceptance handled per sequence); every variant runs every group
 order, so machine noise hits all alike. Reports the aggregate tokens/s over all groups, the ratio
 to AR at the same batch size and to AR at batch 1, rows per sequence per forward (a batch's
 forward has B times as many; shorter drafts are padded to the batch's longest), and
-how many outputs equal AR's at batch 1 (greedy output does not depend on the batch: `tidar.kernels`'
+how many outputs equal AR's at batch 1 (greedy output does not depend on the batch: `tidar.model.kernels`'
 attention gives a row the same bits whatever slots its keys sit in).
 
 "tidar" needs {"max_draft_batch": 0} to draft at every batch size: the shipped operating point
@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from tidar.bench import load_prompts
-from tidar.decoding import generate
+from tidar.decode.engine import generate
+from tidar.measure.bench import load_prompts
 from tidar.runtime import Runtime
 
 

@@ -24,14 +24,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tidar.datastore import Datastore
-from tidar.decoding import Decoder
+from tidar.decode.datastore import Datastore
+from tidar.decode.engine import Decoder
 from tidar.runtime import Runtime
 
 
 def generate_outputs(rt: Runtime, path: Path) -> dict:
-    from tidar.bench import load_prompts
-    from tidar.decoding import generate
+    from tidar.decode.engine import generate
+    from tidar.measure.bench import load_prompts
 
     rows = []
     for p in load_prompts("humaneval", None, None):
@@ -47,7 +47,7 @@ def measure_latency(rt: Runtime, path: Path, rows: list[int]) -> dict[int, float
     """Median seconds of a plain forward (no [MASK] rows) by number of rows, after a 300-token cache."""
     import torch
 
-    from tidar.profile import latency_profiles
+    from tidar.measure.profile import latency_profiles
 
     torch.set_num_threads(2)
     lat = latency_profiles(rt.model, rows, prefix=300, repeats=15, masks=(False,))[False]

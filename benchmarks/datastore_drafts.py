@@ -2,7 +2,7 @@
 
 For each position of AR's greedy output on HumanEval prompts, with the token at that position
 known (TiDAR's bonus token), it asks: does prompt lookup (the engine's `lookup_ngram=2`) find a
-span in the context? Where it does not, it takes the draft of a `tidar.datastore.Datastore` built
+span in the context? Where it does not, it takes the draft of a `tidar.decode.datastore.Datastore` built
 from either the training corpus (`--data`: shard dirs' train.bin, REST-style retrieval) or the
 model's own greedy continuations (`--generated`: `tidar data generate` dirs, as shipped), and counts
 how many of its tokens AR's output confirms, and how long the draft was (rows a step must verify).
@@ -22,11 +22,11 @@ import argparse
 
 import numpy as np
 
-from tidar.bench import load_prompts
-from tidar.data import TokenShards
-from tidar.datastore import Datastore, from_generated
-from tidar.decoding import Decoder
+from tidar.decode.datastore import Datastore, from_generated
+from tidar.decode.engine import Decoder
+from tidar.measure.bench import load_prompts
 from tidar.runtime import Runtime
+from tidar.train.data import TokenShards
 
 
 def has_lookup_span(ctx: list[int], n: int = 2) -> bool:

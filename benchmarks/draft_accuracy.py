@@ -15,9 +15,9 @@ import argparse
 
 import torch
 
-from tidar.data import DataError, TokenShards
-from tidar.train import TrainConfig, evaluate
-from tidar.weights import WeightsError, load_model
+from tidar.model.weights import WeightsError, load_model
+from tidar.train.data import DataError, TokenShards
+from tidar.train.trainer import TrainConfig, evaluate
 
 
 def _block_sizes(text: str) -> list[int]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from tidar.bench import humaneval_problems
-from tidar.decoding import Decoder
+from tidar.decode.engine import Decoder
+from tidar.measure.bench import humaneval_problems
 from tidar.runtime import Runtime
 
 

@@ -1,7 +1,7 @@
 """Where a TiDAR step's [MASK] rows cost time: one engine forward of --rows new tokens after a
 cached prefix, as a TiDAR step (a draft token, then [MASK] rows, so the adapter runs) and as a plain
 verification step of the same size (no adapter work), timed interleaved as `tidar profile` times
-them (`tidar.profile.latency_profiles`, medians), then both under torch.profiler (taking turns), listing the ops
+them (`tidar.measure.profile.latency_profiles`, medians), then both under torch.profiler (taking turns), listing the ops
 whose self time per forward differs. Run on an idle machine.
 
     .venv/bin/python benchmarks/mask_row_cost.py --models default,out/candidate-r64
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tidar.profile import forward_steps, latency_profiles
-from tidar.weights import load_model
+from tidar.measure.profile import forward_steps, latency_profiles
+from tidar.model.weights import load_model
 
 
 def op_times(fns: dict[str, Callable[[], None]], n: int, chunk: int = 5) -> dict[str, dict[str, float]]:

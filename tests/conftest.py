@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tidar.config import TidarConfig
-from tidar.model import Transformer
+from tidar.model.config import TidarConfig
+from tidar.model.transformer import Transformer
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -6,8 +6,8 @@ import torch
 from conftest import tiny_model
 from test_decoding import ar, prompts
 
-from tidar.baselines import diffusion_generate, spec_generate, truncated_draft
-from tidar.decoding import GenerationConfig
+from tidar.decode.engine import GenerationConfig
+from tidar.measure.baselines import diffusion_generate, spec_generate, truncated_draft
 
 
 def test_spec_greedy_equals_ar_with_truncated_and_perfect_drafts():

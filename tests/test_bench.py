@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from tidar import bench
-from tidar.bench import Run, first_difference, method_order, normalize, run_bench
+from tidar.measure import bench
+from tidar.measure.bench import Run, first_difference, method_order, normalize, run_bench
 from tidar.runtime import Runtime
 
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))  # ids 0..95; 96 is EOS (tiny vocab: 97)
@@ -47,7 +47,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded before validation finished")
 
     monkeypatch.setattr(Runtime, "load", classmethod(fail))
-    monkeypatch.setattr("tidar.weights.load_model", fail)
+    monkeypatch.setattr("tidar.model.weights.load_model", fail)
     monkeypatch.setattr(bench, "build_runners", fail)
 
 
@@ -150,7 +150,7 @@ def test_comparison_up_to_eos_and_max_tokens():
     (lambda d: ["--prompts", str(d / "ok.jsonl"), "--methods", "ar,spec"], "spec"),
 ])
 def test_validation_errors_exit_2_before_loading(tmp_path, no_model_load, capsys, make_args, fragment, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tidar.baselines", SimpleNamespace(spec_generate=lambda *a, **k: None))
+    monkeypatch.setitem(sys.modules, "tidar.measure.baselines", SimpleNamespace(spec_generate=lambda *a, **k: None))
     write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "x"}])
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}, {"text": "no prompt here"}])
     assert bench.main(make_args(tmp_path)) == 2
@@ -160,9 +160,9 @@ def test_validation_errors_exit_2_before_loading(tmp_path, no_model_load, capsys
 
 def test_missing_baselines_and_llamacpp_fail_clearly(tmp_path, no_model_load, capsys, monkeypatch):
     write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "x"}])
-    monkeypatch.setitem(sys.modules, "tidar.baselines", None)  # import fails
+    monkeypatch.setitem(sys.modules, "tidar.measure.baselines", None)  # import fails
     assert bench.main(["--prompts", str(tmp_path / "ok.jsonl"), "--methods", "ar,diffusion"]) == 2
-    assert "tidar.baselines" in capsys.readouterr().err
+    assert "tidar.measure.baselines" in capsys.readouterr().err
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     assert bench.main(["--prompts", str(tmp_path / "ok.jsonl"), "--methods", "llamacpp"]) == 2
     assert "pip install -e '.[bench]'" in capsys.readouterr().err
@@ -170,7 +170,7 @@ def test_missing_baselines_and_llamacpp_fail_clearly(tmp_path, no_model_load, ca
 
 def test_hf_methods_match_our_ar(tmp_path):
     pytest.importorskip("transformers")
-    from tidar.weights import save_pretrained
+    from tidar.model.weights import save_pretrained
 
     rt = tiny_runtime()
     save_pretrained(rt.model, tmp_path / "tiny")
@@ -195,7 +195,7 @@ def test_prose_passages_skip_markup():
 
 
 def test_plot_demo(tmp_path):
-    from tidar.plots import plot_demo
+    from tidar.measure.plots import plot_demo
 
     stats = {"tokens_per_s": 10.0, "tokens_per_forward": 1.0}
     rows = [{"prompt": "code", "matches_ar": True, "tidar": {"tokens_per_s": 15.0, "tokens_per_forward": 2.1},
@@ -212,7 +212,7 @@ def test_cpu_monitor_reports_a_share_or_none():
 
 
 def test_baseline_methods_through_the_harness():
-    pytest.importorskip("tidar.baselines")
+    pytest.importorskip("tidar.measure.baselines")
     rt = tiny_runtime()
     methods = ["ar", "tidar", "diffusion", "spec"]
     runners = bench.build_runners(rt, methods, bench.BenchOptions(dtype="float32", draft_layers=1, lookup_ngram=2))
@@ -227,7 +227,7 @@ def test_baseline_methods_through_the_harness():
 def test_learning_method_drafts_from_earlier_prompts_outputs_only():
     """`tidar-learn`: a fork of the model's datastore learns each output (not the warm-up's), so a
     prompt asked again drafts its earlier answer; the model's own datastore learns nothing."""
-    from tidar.datastore import Datastore
+    from tidar.decode.datastore import Datastore
 
     rt = tiny_runtime()
     rt.model.datastore = Datastore([[1, 2, 3]], vocab_size=97)

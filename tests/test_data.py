@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tidar import data
-from tidar.data import DataError, TokenShards, batch_at, build_shards, resolve_source, val_batches
+from tidar.train import data
+from tidar.train.data import DataError, TokenShards, batch_at, build_shards, resolve_source, val_batches
 
 
 class ByteTokenizer:
@@ -309,7 +309,7 @@ def test_bible_source() -> None:
 
 
 def test_held_out_documents_by_names_and_by_split(tmp_path):
-    from tidar.data import held_out_documents
+    from tidar.train.data import held_out_documents
 
     for i in range(6):
         (tmp_path / f"doc{i}.txt").write_text(f"document number {i}\n")
@@ -329,7 +329,7 @@ def _generated(src: Path, out: Path, samples: int, seed: int = 0):
 
 
 def test_generate_shards_are_greedy_continuations_and_resume(corpus: Path, tmp_path: Path) -> None:
-    from tidar.decoding import GenerationConfig, generate
+    from tidar.decode.engine import GenerationConfig, generate
 
     build_shards([str(corpus)], ByteTokenizer(), tmp_path / "src", val_fraction=0.1, seed=0, progress=False)
     train = np.asarray(TokenShards(tmp_path / "src").split("train"), dtype=np.int64)
@@ -435,7 +435,7 @@ def test_code_prompts_end_after_the_docstring_and_skip_excluded_files(tmp_path: 
 def test_generate_shards_from_given_prompts(corpus: Path, tmp_path: Path) -> None:
     from conftest import tiny_model
 
-    from tidar.decoding import GenerationConfig, generate
+    from tidar.decode.engine import GenerationConfig, generate
 
     build_shards([str(corpus)], ByteTokenizer(), tmp_path / "src", val_fraction=0.1, seed=0, progress=False)
     prompts = [(f"p{i}", ByteTokenizer().encode(f"def f{i}(x):\n")) for i in range(4)]

@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_model
 from test_decoding import THRESHOLD, ar, chi_square, exact_three_token_dist, prompts
 
-from tidar.datastore import Datastore, DatastoreError
-from tidar.decoding import Decoder, GenerationConfig, GenerationError, generate
+from tidar.decode.datastore import Datastore, DatastoreError
+from tidar.decode.engine import Decoder, GenerationConfig, GenerationError, generate
 
 
 def test_draft_follows_the_most_frequent_next_token_and_backs_off_to_shorter_ngrams():
@@ -84,7 +84,7 @@ def test_learned_outputs_are_drafted_first_and_stay_in_their_fork(tmp_path):
 
 
 def test_learning_is_bounded(monkeypatch):
-    import tidar.datastore as dsm
+    import tidar.decode.datastore as dsm
 
     monkeypatch.setattr(dsm, "LEARN_LIMIT", 8)
     ds = Datastore([[1, 2]], vocab_size=10, orders=(2,))
@@ -171,7 +171,7 @@ def test_cli_builds_into_a_model_directory_and_records_it(tmp_path, capsys):
     import json
 
     from tidar.cli import main
-    from tidar.weights import save_pretrained
+    from tidar.model.weights import save_pretrained
 
     model_dir = tmp_path / "model"
     save_pretrained(tiny_model(), model_dir)

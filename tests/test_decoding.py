@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from tidar.decoding import Decoder, GenerationConfig, GenerationError, TextStreamer, generate, speculative_accept, warp
+from tidar.decode.engine import Decoder, GenerationConfig, GenerationError, TextStreamer, generate, speculative_accept, warp
 from tidar.masks import causal_mask
 
 
@@ -75,7 +75,7 @@ def test_greedy_equality_with_good_drafts_and_exact_cache(corrupt_prob, policy):
         n = dec.cache.length
         committed = torch.tensor([p + ref])[:, :n]
         fresh = Decoder(model, GenerationConfig(mode="ar", max_new_tokens=1))
-        from tidar.model import KVCache
+        from tidar.model.transformer import KVCache
 
         cache = KVCache(model.config, 1, n, torch.float32)
         with torch.no_grad():
@@ -208,7 +208,7 @@ def test_sampling_test_detects_a_wrong_acceptance_rule(monkeypatch):
         a, bonus = speculative_accept(drafts, p, q, generator)
         return torch.full_like(a, drafts.shape[1]), bonus
 
-    monkeypatch.setattr("tidar.decoding.speculative_accept", accept_everything)
+    monkeypatch.setattr("tidar.decode.engine.speculative_accept", accept_everything)
     counts, _ = sample_pairs(model, prompt, 4000, mode="tidar", block_size=3)
     stat, _ = chi_square(counts, exact)
     assert stat > 3 * THRESHOLD
@@ -287,7 +287,7 @@ def test_long_lookup_drafts_extend_past_the_block_losslessly():
 
 
 def test_lookup_copies_from_the_occurrence_whose_surroundings_match_furthest_back():
-    from tidar.decoding import Decoder
+    from tidar.decode.engine import Decoder
 
     model = tiny_model(seed=0, vocab_size=16)
     # the context ends in "5 1 2"; "1 2" occurred after "5" (then 7 8 ...) and, later, after "9"
@@ -310,7 +310,7 @@ def test_lookup_copies_from_the_occurrence_whose_surroundings_match_furthest_bac
 
 
 def test_span_steps_skip_predraft_only_when_every_sequence_has_a_span():
-    from tidar.decoding import Decoder
+    from tidar.decode.engine import Decoder
 
     model = tiny_model(seed=0)
     dec = Decoder(model, GenerationConfig(block_size=3, policy="full", lookup_ngram=2, lookup_tokens=8))
@@ -387,8 +387,8 @@ def test_draft_gate_with_sampling_keeps_distribution():
 def test_compiled_blocks_match_eager_and_stay_lossless():
     """torch.compile'd blocks (the CPU fast path): same logits as eager up to rounding, and greedy
     TiDAR through them still equals AR, for single prompts and a ragged batch (bool mask rows)."""
-    from tidar.config import AdapterConfig
-    from tidar.model import KVCache
+    from tidar.model.config import AdapterConfig
+    from tidar.model.transformer import KVCache
 
     model = tiny_model(seed=3)
     model.add_adapter(AdapterConfig(rank=4, alpha=8.0))
@@ -424,7 +424,7 @@ def test_compiled_blocks_match_eager_and_stay_lossless():
 def test_draft_gate_runs_plain_steps_when_drafts_do_not_pay_and_stays_lossless():
     """min_draft_gain: once diffusion drafts commit fewer extra tokens per step than asked, steps
     feed no [MASK] rows (AR steps) and probe with a pre-draft every PROBE_EVERY steps."""
-    from tidar.decoding import PROBE_EVERY
+    from tidar.decode.engine import PROBE_EVERY
 
     model = tiny_model(seed=2)
     ps = prompts(4, seed=5)
@@ -447,13 +447,13 @@ def test_draft_gate_runs_plain_steps_when_drafts_do_not_pay_and_stays_lossless()
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_with_compiled_kernels_is_lossless_and_agrees_with_pytorch_path(dtype):
-    """The fused engine on tidar.kernels (attention, adapter branch): greedy TiDAR equals AR, alone and
+    """The fused engine on tidar.model.kernels (attention, adapter branch): greedy TiDAR equals AR, alone and
     in a ragged batch (bool mask rows take the PyTorch adapter branch), with and without prompt lookup;
     its step logits are the PyTorch engine path's up to rounding (float32), and no further from the
     float32 model's than that path's are (bfloat16)."""
-    from tidar import kernels
-    from tidar.config import AdapterConfig
-    from tidar.model import KVCache
+    from tidar.model import kernels
+    from tidar.model.config import AdapterConfig
+    from tidar.model.transformer import KVCache
 
     if not kernels.available():
         pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")

@@ -11,10 +11,10 @@ import torch
 from conftest import tiny_model
 from test_bench import CharTokenizer, tiny_runtime
 
-from tidar import evaluate
-from tidar.bench import Run
-from tidar.evaluate import EvalError, check_completions, pass_at_1, perplexity, run_humaneval, truncate_completion
 from tidar.masks import causal_mask
+from tidar.measure import evaluate
+from tidar.measure.bench import Run
+from tidar.measure.evaluate import EvalError, check_completions, pass_at_1, perplexity, run_humaneval, truncate_completion
 
 
 def problem(name: str, signature: str, test: str) -> dict:
@@ -103,8 +103,8 @@ def test_perplexity_equals_hand_computed_cross_entropy():
 
 
 def test_eval_ppl_cli_on_tiny_shards(tmp_path, capsys):
-    from tidar.data import build_shards
-    from tidar.weights import save_pretrained
+    from tidar.model.weights import save_pretrained
+    from tidar.train.data import build_shards
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

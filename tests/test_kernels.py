@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (tidar.kernels): right answers, and rows that do not depend on the call."""
+"""The compiled CPU kernels (tidar.model.kernels): right answers, and rows that do not depend on the call."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from tidar import kernels
-from tidar.model import attention_bias
+from tidar.model import kernels
+from tidar.model.transformer import attention_bias
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 
@@ -118,7 +118,7 @@ def test_kernels_reject_bad_shapes_with_a_message():
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norm_kernels_follow_the_reference_formula(dtype):
-    from tidar.model import RMSNorm
+    from tidar.model.transformer import RMSNorm
 
     g = torch.Generator().manual_seed(3)
     norm = RMSNorm(72, 1e-5).to(dtype)  # 72: a 16-lane sum plus a scalar tail
@@ -140,7 +140,7 @@ def test_norm_kernels_follow_the_reference_formula(dtype):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_cache_rotates_q_and_k_and_writes_the_cache(dtype):
-    from tidar.model import RotaryEmbedding, apply_rope
+    from tidar.model.transformer import RotaryEmbedding, apply_rope
 
     g = torch.Generator().manual_seed(4)
     b, t, h, h_kv, d, width, offset = 2, 3, 4, 2, 16, 64, 9

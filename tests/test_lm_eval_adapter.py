@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from tidar.lm_eval_adapter import (
+from tidar.masks import causal_mask
+from tidar.runtime import Runtime
+from tidar.serve.lm_eval import (
     encode_pair,
     generate_until_text,
     loglikelihood_of,
@@ -16,8 +18,6 @@ from tidar.lm_eval_adapter import (
     rolling_windows,
     score_tokens,
 )
-from tidar.masks import causal_mask
-from tidar.runtime import Runtime
 
 
 class CharTokenizer:
@@ -130,7 +130,7 @@ def test_registered_lm_eval_model(rt):
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model, model_registry
 
-    from tidar.lm_eval_adapter import TidarLM
+    from tidar.serve.lm_eval import TidarLM
 
     assert get_model("tidar") is TidarLM
     assert "hf" in model_registry  # registering ours must not hide the harness's own models

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from tidar.config import TidarConfig
 from tidar.masks import causal_mask, with_prefix
-from tidar.model import KVCache
-from tidar.weights import load_model, save_pretrained
+from tidar.model.config import TidarConfig
+from tidar.model.transformer import KVCache
+from tidar.model.weights import load_model, save_pretrained
 
 
 def _hf_model(kind: str, tmp_path):
@@ -98,8 +98,8 @@ def test_config_roundtrip_and_errors(tmp_path):
 
 @torch.no_grad()
 def test_fused_projections_match_unfused_with_adapter(tmp_path):
-    from tidar.config import AdapterConfig
     from tidar.masks import tidar_training_mask
+    from tidar.model.config import AdapterConfig
 
     model = tiny_model(attention_bias=True)
     model.add_adapter(AdapterConfig(rank=4))
@@ -118,7 +118,7 @@ def test_fused_projections_match_unfused_with_adapter(tmp_path):
 
 
 def test_hf_style_round_trip_and_generate(tmp_path):
-    from tidar.model import Transformer
+    from tidar.model.transformer import Transformer
 
     model = tiny_model()
     model.save_pretrained(str(tmp_path / "m"))
@@ -132,8 +132,8 @@ def test_hf_style_round_trip_and_generate(tmp_path):
 def test_packed_weights_give_the_unpacked_logits(dtype):
     """oneDNN-packed inference weights (the CPU fast path) compute what plain F.linear does: bit
     for bit in bfloat16, to rounding in float32; with adapter rows as a suffix and as a bool mask."""
-    from tidar.config import AdapterConfig
-    from tidar.model import KVCache, pack_weight
+    from tidar.model.config import AdapterConfig
+    from tidar.model.transformer import KVCache, pack_weight
 
     model = tiny_model(attention_bias=True)
     model.add_adapter(AdapterConfig(rank=4))
@@ -169,7 +169,7 @@ def test_packed_weights_give_the_unpacked_logits(dtype):
 
 
 def test_weights_that_cannot_be_packed_fall_back_to_plain_linear(monkeypatch):
-    from tidar.model import pack_weight
+    from tidar.model.transformer import pack_weight
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("no oneDNN kernel for this dtype on this CPU")
@@ -186,7 +186,7 @@ def test_weights_that_cannot_be_packed_fall_back_to_plain_linear(monkeypatch):
 def test_packed_bf16_matmul_rows_do_not_depend_on_the_call():
     """Wide bf16 inputs (SmolLM2's 1536-wide down projection) summed in one oneDNN call round some
     outputs differently for 1 row than among 8+; the chunked packed weight must not."""
-    from tidar.model import MAX_PACKED_K, linear, pack_weight
+    from tidar.model.transformer import MAX_PACKED_K, linear, pack_weight
 
     k = 1536
     assert k > MAX_PACKED_K
@@ -209,8 +209,8 @@ def test_bf16_cached_step_logits_are_those_of_one_token_steps(use_kernels):
     """The engine's bf16 exactness: a token's logits in a multi-token cached step (drafts + [MASK]
     rows after it) equal, bit for bit, its logits in one-token AR steps, so greedy TiDAR cannot
     flip a near-tie. SDPA broke this for 10+ query rows on this CPU. Both engine paths: the compiled
-    kernels (tidar.kernels) and plain PyTorch."""
-    from tidar.config import AdapterConfig
+    kernels (tidar.model.kernels) and plain PyTorch."""
+    from tidar.model.config import AdapterConfig
 
     model = tiny_model(seed=3, intermediate_size=1536, hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
     model.add_adapter(AdapterConfig(rank=4))
@@ -275,7 +275,7 @@ def test_kv_cache_grows_in_steps_and_keeps_its_contents():
 def test_fused_rms_norm_and_rolled_rope_round_like_the_reference_formulas():
     """RMSNorm uses torch's fused kernel and RoPE a roll with a signed sin table: both must give
     the bits of HF Llama's formulas, in float32 and bfloat16 (the AR path stays the base model)."""
-    from tidar.model import RMSNorm, RotaryEmbedding, apply_rope
+    from tidar.model.transformer import RMSNorm, RotaryEmbedding, apply_rope
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):

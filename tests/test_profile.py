@@ -1,6 +1,6 @@
 """Operating-point choice from a latency profile and measured acceptance (pure functions)."""
 
-from tidar.profile import choose_operating_point, interpolate, offset_acceptance, step_tokens
+from tidar.measure.profile import choose_operating_point, interpolate, offset_acceptance, step_tokens
 
 
 def test_offset_acceptance_from_histogram():
@@ -42,7 +42,7 @@ def test_forward_latency_times_multi_token_forwards_as_tidar_steps(monkeypatch):
     """The adapter only works at [MASK] rows: a profile without them would miss its cost."""
     from conftest import tiny_model
 
-    from tidar.profile import forward_latency
+    from tidar.measure.profile import forward_latency
 
     model = tiny_model()
     seen = []
@@ -67,7 +67,7 @@ def test_nominal_step_tokens_are_what_the_engine_feeds():
     """The chooser's and the bench report's step size (`step_tokens`) is the engine's real layout."""
     from conftest import tiny_model
 
-    from tidar.decoding import GenerationConfig, generate
+    from tidar.decode.engine import GenerationConfig, generate
 
     model = tiny_model(seed=1)
     for policy in ("all", "full"):

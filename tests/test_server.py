@@ -17,7 +17,7 @@ from conftest import tiny_model  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from tidar.runtime import Runtime  # noqa: E402
-from tidar.server import create_app  # noqa: E402
+from tidar.serve.server import create_app  # noqa: E402
 
 
 class CharTokenizer:
@@ -264,8 +264,8 @@ def test_concurrent_requests_never_overlap_forwards(runtime):
 
 
 def test_learning_server_drafts_a_repeated_request_from_its_earlier_answer(monkeypatch, capsys):
-    from tidar import server
-    from tidar.datastore import Datastore
+    from tidar.decode.datastore import Datastore
+    from tidar.serve import server
 
     rt = Runtime(tiny_model(), CharTokenizer(), {"block_size": 3, "datastore_tokens": 8}, name="/models/tiny",
                  datastore=Datastore([[1, 2, 3]], vocab_size=97))

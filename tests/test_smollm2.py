@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tidar.decoding import GenerationConfig, generate
+from tidar.decode.engine import GenerationConfig, generate
 from tidar.masks import causal_mask
-from tidar.weights import load_model, load_tokenizer, smollm2_gguf_path
+from tidar.model.weights import load_model, load_tokenizer, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
 

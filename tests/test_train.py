@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from conftest import tiny_config, tiny_model
 from safetensors.torch import load_file
 
-from tidar import train as T
-from tidar.config import AdapterConfig
 from tidar.masks import tidar_training_mask
-from tidar.weights import load_model, save_pretrained
+from tidar.model.config import AdapterConfig
+from tidar.model.weights import load_model, save_pretrained
+from tidar.train import trainer as T
 
 TINY = tiny_config()
 SCRATCH = "scratch:" + json.dumps({k: getattr(TINY, k) for k in (
@@ -275,8 +275,8 @@ def test_checkpoints_are_rotated_and_resume_refuses_other_config(tmp_path: Path,
 
 
 def test_metrics_and_plot(tmp_path: Path, shards: Path) -> None:
-    from tidar.plots import main as plot_main
-    from tidar.plots import plot_metrics
+    from tidar.measure.plots import main as plot_main
+    from tidar.measure.plots import plot_metrics
 
     cfg = cfg_for(tmp_path, shards)
     T.train(cfg)
@@ -313,7 +313,7 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path, shards: Path, ba
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
            "PYTHONPATH": str(Path(T.__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "tidar.train", *overrides, "tokenizer=null"],
+                           "-m", "tidar.train.trainer", *overrides, "tokenizer=null"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(Path(single.out_dir, "model", weights))
@@ -369,7 +369,7 @@ def test_shipped_configs_parse(name: str) -> None:
 
 
 def test_export_of_a_continued_run_records_the_lineage(tmp_path: Path, shards: Path, base_dir: Path) -> None:
-    from tidar.ship import export
+    from tidar.train.export import export
 
     kw = dict(mode="adapter", adapter_rank=4, adapter_alpha=8.0, max_steps=2, eval_every=0, save_every=2)
     first = cfg_for(tmp_path / "a", shards, init=str(base_dir), **kw)
@@ -386,7 +386,7 @@ def test_export_of_a_continued_run_records_the_lineage(tmp_path: Path, shards: P
     assert m2["data"] == {"sources": ["generated"]}
     assert m2["tokens_total"] == 2 * m1["tokens"]
     # a datastore built into the shipped directory survives a re-export, with its record
-    from tidar.datastore import Datastore
+    from tidar.decode.datastore import Datastore
 
     Datastore([[1, 2, 3]], vocab_size=97).save(shipped)
     (shipped / "tidar.json").write_text(json.dumps({**m2, "datastore": {"tokens": 3}}))

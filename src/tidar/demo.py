@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-run prompts whose bfloat16 outputs differed in float32, where rounding ties "
                              "cannot hide a real difference")
     args = parser.parse_args(argv)
+    from tidar.model.weights import WeightsError
     from tidar.runtime import Runtime
-    from tidar.weights import WeightsError
 
     try:
         t = time.perf_counter()
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         same = ti.tokens == ar.tokens
         note = ""
         if not same:
-            from tidar.bench import ar_top2_margin, first_difference
+            from tidar.measure.bench import ar_top2_margin, first_difference
 
             k = first_difference(ar.tokens, ti.tokens)
             margin = ar_top2_margin(rt.model, rt.encode(prompt, chat), ar.tokens[:k])
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
-    from tidar.plots import plot_demo
+    from tidar.measure.plots import plot_demo
 
     print(f"\nplots written to {plot_demo(rows, out / 'demo.png')}")
     print(f"results written to {out / 'demo.json'}")

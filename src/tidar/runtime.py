@@ -13,10 +13,10 @@ from typing import IO, Any
 
 import torch
 
-from tidar.datastore import DATASTORE_FILE, Datastore
-from tidar.decoding import GenerationConfig, GenerationError, TextStreamer, generate
-from tidar.model import Transformer
-from tidar.weights import MANIFEST_FILE, chat_ids, load_model, load_tokenizer, resolve_model_path
+from tidar.decode.datastore import DATASTORE_FILE, Datastore
+from tidar.decode.engine import GenerationConfig, GenerationError, TextStreamer, generate
+from tidar.model.transformer import Transformer
+from tidar.model.weights import MANIFEST_FILE, chat_ids, load_model, load_tokenizer, resolve_model_path
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -17,7 +17,7 @@ Every kernel works row by row, so no row's result depends on the others in the c
 The kernels are compiled with the machine's C++ compiler through `torch.utils.cpp_extension` (about
 half a minute, once; cached under torch's extension directory). Where that is impossible (no
 compiler, another OS) or `TIDAR_KERNELS=0`, `available()` is False and the engine keeps its pure
-PyTorch path, which is exact too. `python -m tidar.kernels` builds them and prints the outcome.
+PyTorch path, which is exact too. `python -m tidar.model.kernels` builds them and prints the outcome.
 """
 
 from __future__ import annotations

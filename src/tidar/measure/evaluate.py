@@ -149,7 +149,7 @@ def run_humaneval(runtime: Any, problems: Sequence[dict[str, Any]], methods: Seq
                   runners: dict[str, Any], timeout: float = 5.0, backend: str = "auto", warmup: int = 1,
                   progress: bool = False) -> dict[str, Any]:
     """Generate with every method (interleaved per problem), check, and summarize per method."""
-    from tidar.bench import run_bench
+    from tidar.measure.bench import run_bench
 
     prompts = [runtime.encode(p["prompt"]) for p in problems]
     bench = run_bench(runtime, prompts, methods, max_new_tokens, runners=runners, warmup=warmup,
@@ -180,8 +180,8 @@ def perplexity(model: Any, tokens: Any, seq_len: int = 512, batch_size: int = 4,
     import torch
     import torch.nn.functional as F
 
-    from tidar.data import val_batches
     from tidar.masks import causal_mask
+    from tidar.train.data import val_batches
 
     vocab = model.config.vocab_size
     mask = causal_mask(seq_len)
@@ -207,8 +207,8 @@ def perplexity(model: Any, tokens: Any, seq_len: int = 512, batch_size: int = 4,
 
 # -- CLI -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from tidar.bench import add_method_args
     from tidar.cli import Parser, dtype_arg, positive_int
+    from tidar.measure.bench import add_method_args
 
     p = Parser(prog="tidar eval", description="HumanEval pass@1 per decoding method, and AR perplexity.")
     sub = p.add_subparsers(dest="task", required=True, parser_class=Parser)
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _header(args: argparse.Namespace, model: str) -> dict[str, Any]:
     import torch
 
-    from tidar.bench import machine_info
+    from tidar.measure.bench import machine_info
 
     return {"model": model, "dtype": args.dtype, "threads": torch.get_num_threads(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
@@ -253,7 +253,7 @@ def _write_json(path: str | None, report: dict[str, Any]) -> None:
 def cmd_humaneval(args: argparse.Namespace) -> int:
     import torch
 
-    from tidar.bench import (
+    from tidar.measure.bench import (
         BenchError,
         CpuMonitor,
         build_runners,
@@ -314,9 +314,9 @@ def cmd_humaneval(args: argparse.Namespace) -> int:
 def cmd_ppl(args: argparse.Namespace) -> int:
     import torch
 
-    from tidar.data import DataError, TokenShards
+    from tidar.model.weights import load_model, resolve_model_path
     from tidar.runtime import DTYPE
-    from tidar.weights import load_model, resolve_model_path
+    from tidar.train.data import DataError, TokenShards
 
     try:
         shards = TokenShards(args.data)

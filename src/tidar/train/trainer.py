@@ -4,8 +4,8 @@ small trainer with exact resume, DDP and optional FSDP2 sharding.
 Usage (a JSON config plus `key=value` overrides; `--set key=value` is the same thing)::
 
     tidar train --config configs/smollm2-adapter-b4.json max_steps=200 lr=5e-4
-    python -m tidar.train --config configs/tiny-tidar.json --dry-run     # validate, print, exit
-    torchrun --standalone --nproc_per_node=2 -m tidar.train --config configs/tiny-tidar.json
+    python -m tidar.train.trainer --config configs/tiny-tidar.json --dry-run     # validate, print, exit
+    torchrun --standalone --nproc_per_node=2 -m tidar.train.trainer --config configs/tiny-tidar.json
 
 Override values are parsed as JSON when they parse (`lr=1e-4`, `adapter_layers=[22,23]`,
 `fsdp=true`) and taken as plain strings otherwise (`init=smollm2`). A run resumes automatically
@@ -17,7 +17,7 @@ which, unlike FSDP1, also runs on CPU/gloo); the default under torchrun is DDP.
 
 Out dir layout: `metrics.jsonl` (one JSON per train step and per eval), `config.json`,
 `ckpt-<step>/{model/, trainer.pt}` + `latest` (the checkpoint to resume from), and `model/` at the
-end of every invocation: a directory `tidar.weights.load_model` opens (adapter manifest or full
+end of every invocation: a directory `tidar.model.weights.load_model` opens (adapter manifest or full
 checkpoint). `tokens` in the metrics counts clean tokens (seq_len per sequence), for every objective.
 """
 
@@ -49,9 +49,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tidar.config import AdapterConfig, ConfigError, TidarConfig  # noqa: E402
 from tidar.masks import block_diffusion_training_mask, causal_mask, tidar_training_mask  # noqa: E402
-from tidar.model import KVCache, Transformer  # noqa: E402
+from tidar.model.config import AdapterConfig, ConfigError, TidarConfig  # noqa: E402
+from tidar.model.transformer import KVCache, Transformer  # noqa: E402
 
 __all__ = [
     "TrainConfig",
@@ -439,7 +439,7 @@ def _check_out_dir(out_dir: Path) -> str | None:
 
 
 def _check_data(cfg: TrainConfig) -> tuple[list[str], Any]:
-    from tidar.data import DataError, TokenShards
+    from tidar.train.data import DataError, TokenShards
 
     try:
         shards = TokenShards(cfg.data)
@@ -467,7 +467,7 @@ def _base_name(init: str) -> str:
     """What an adapter manifest should name as its base: loadable from any working directory."""
     if init in ("smollm2", "base", "smollm2-135m-instruct"):
         return "smollm2"
-    from tidar.weights import read_manifest
+    from tidar.model.weights import read_manifest
 
     path = Path(init).resolve()
     manifest = read_manifest(path)
@@ -478,7 +478,7 @@ def _base_name(init: str) -> str:
 
 def _build_model(cfg: TrainConfig, checkpoint: Path | None) -> Transformer:
     """The model in float32 with requires_grad set for the mode; from the checkpoint when resuming."""
-    from tidar.weights import load_model
+    from tidar.model.weights import load_model
 
     torch.manual_seed(cfg.seed)  # the adapter's LoRA A init draws from the global RNG
     if checkpoint is not None:
@@ -571,7 +571,7 @@ def evaluate(model: nn.Module, tokens: np.ndarray, cfg: TrainConfig, device: tor
     accuracy by offset vs data (`val_acc_data`) and vs the AR argmax (`val_acc_ar`), `val_accept_est`.
     Block diffusion: `val_diff_loss` at random ratios (fixed noise) and one-step full-mask accuracy.
     """
-    from tidar.data import val_batches
+    from tidar.train.data import val_batches
 
     device = torch.device(device)
     was_training = model.training
@@ -645,7 +645,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 def _save_model(snapshot: _Snapshot, directory: Path, cfg: TrainConfig, extra: dict[str, Any],
                 tokenizer: Any) -> None:
-    from tidar.weights import save_adapter, save_pretrained
+    from tidar.model.weights import save_adapter, save_pretrained
 
     if cfg.mode == "adapter":
         manifest = {"base": _base_name(cfg.init), "objective": cfg.objective, "targets": cfg.targets, **extra}
@@ -769,7 +769,7 @@ def prepare(cfg: TrainConfig, resume: bool | None = None) -> dict[str, Any]:
                                f"({model.config.vocab_size}): shards were built with another tokenizer")
     tokenizer = None
     if cfg.mode == "full" and cfg.tokenizer:
-        from tidar.weights import load_tokenizer
+        from tidar.model.weights import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer)
     return {"model": model, "shards": shards, "checkpoint": checkpoint, "trainer_state": trainer_state,
@@ -778,7 +778,7 @@ def prepare(cfg: TrainConfig, resume: bool | None = None) -> dict[str, Any]:
 
 def train(cfg: TrainConfig, resume: bool | None = None) -> dict[str, Any]:
     """Run (or continue) training; returns the last train and eval metrics and the out dir."""
-    from tidar.data import batch_at
+    from tidar.train.data import batch_at
 
     dist_ = _dist_from_env()
     if cfg.threads:
@@ -1011,8 +1011,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """`tidar train ...`; returns 0, or 2 with `error: ...` on stderr for a bad setup."""
     args = _parser().parse_args(argv)
-    from tidar.data import DataError
-    from tidar.weights import WeightsError
+    from tidar.model.weights import WeightsError
+    from tidar.train.data import DataError
 
     dist_ = _Dist()  # the main process until the environment says otherwise: a bad one is reported
     try:

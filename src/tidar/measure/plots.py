@@ -90,7 +90,7 @@ def plot_latency_profile(profile: dict[str, Any], png_path: str | Path, operatin
     """Forward latency (ms) vs new tokens per forward, from `tidar profile --json`. Marked: the AR
     step (T=1), the operating point `tidar profile --choose` picked (if the profile has one) and the
     benchmarked TiDAR step (`operating_tokens`, if given and different)."""
-    from tidar.profile import interpolate
+    from tidar.measure.profile import interpolate
 
     plt = _pyplot()
     lat = {int(k): float(v) for k, v in profile["latency_s"].items()}

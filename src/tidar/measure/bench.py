@@ -161,8 +161,7 @@ def _passages(text: str, words: int = PROSE_WORDS, min_words: int = 40) -> list[
 def _val_documents(data_dir: str | Path | None) -> list[tuple[str, str]]:
     """(name, text) of held-out documents: a shard index's val files, else what `tidar data build`
     would hold out of python-doc and bible with its default split."""
-    from tidar import data
-
+    from tidar.train import data
     try:
         if data_dir is not None:
             index = data.TokenShards(data_dir).index
@@ -216,14 +215,14 @@ def parse_methods(text: str) -> list[str]:
 
 
 def baseline_function(name: str) -> Callable[..., Any]:
-    """tidar.baselines.<name>, imported only when a baseline method is asked for."""
+    """tidar.measure.baselines.<name>, imported only when a baseline method is asked for."""
     try:
-        mod = importlib.import_module("tidar.baselines")
+        mod = importlib.import_module("tidar.measure.baselines")
     except ImportError as e:
-        raise BenchError(f"this method needs tidar.baselines.{name}, and tidar.baselines cannot be imported ({e})") from None
+        raise BenchError(f"this method needs {name}, and tidar.measure.baselines cannot be imported ({e})") from None
     fn = getattr(mod, name, None)
     if not callable(fn):
-        raise BenchError(f"tidar.baselines has no {name}() yet, so this method is unavailable")
+        raise BenchError(f"tidar.measure.baselines has no {name}() yet, so this method is unavailable")
     return fn
 
 
@@ -242,7 +241,7 @@ def validate_methods(methods: Sequence[str], opts: BenchOptions) -> None:
         elif m.startswith("llamacpp"):
             if importlib.util.find_spec("llama_cpp") is None:
                 raise BenchError(f"method {m!r} needs llama-cpp-python: {LLAMACPP_INSTALL}")
-            from tidar.weights import WeightsError, smollm2_gguf_path
+            from tidar.model.weights import WeightsError, smollm2_gguf_path
 
             try:
                 smollm2_gguf_path()
@@ -255,7 +254,7 @@ def cut_at_stop(tokenizer: Any, tokens: list[int], stop: Sequence[str]) -> list[
     """The shortest prefix of `tokens` whose text contains a stop string (all of them if none)."""
     if not stop:
         return tokens
-    from tidar.decoding import TextStreamer
+    from tidar.decode.engine import TextStreamer
 
     streamer = TextStreamer(tokenizer, stop)
     for n, t in enumerate(tokens, 1):
@@ -269,7 +268,7 @@ def _stopper(tokenizer: Any, stop: Sequence[str]) -> Callable[[int, list[int]], 
     """An `on_tokens` callback that ends generation once a stop string is complete."""
     if not stop:
         return None
-    from tidar.decoding import TextStreamer
+    from tidar.decode.engine import TextStreamer
 
     streamer = TextStreamer(tokenizer, stop)
 
@@ -306,7 +305,7 @@ class EngineRunner:
         self.streams_stop = streams_stop  # whether fn honours on_tokens (else cut afterwards)
 
     def __call__(self, ids: list[int], max_new_tokens: int, stop: Sequence[str] = ()) -> Run:
-        from tidar.decoding import generate
+        from tidar.decode.engine import generate
 
         cfg = self.runtime.generation_config(max_new_tokens=max_new_tokens, **self.overrides)
         on_tokens = _stopper(self.runtime.tokenizer, stop) if self.streams_stop else None
@@ -328,7 +327,7 @@ class EngineRunner:
 def hf_checkpoint_dir(model: str | None) -> Path:
     """A directory transformers opens as the same dense weights: the model itself if it is a full
     checkpoint, the base for a TiDAR adapter (its AR path is the base, bit for bit)."""
-    from tidar.weights import ADAPTER_FILE, DEFAULT_BASE, MANIFEST_FILE, WeightsError, resolve_model_path
+    from tidar.model.weights import ADAPTER_FILE, DEFAULT_BASE, MANIFEST_FILE, WeightsError, resolve_model_path
 
     path = resolve_model_path(model)
     if (path / MANIFEST_FILE).exists() and (path / ADAPTER_FILE).exists():
@@ -417,7 +416,7 @@ class LlamaCppRunner:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-        from tidar.weights import smollm2_gguf_path
+        from tidar.model.weights import smollm2_gguf_path
 
         draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup else None
         llm = Llama(model_path=str(smollm2_gguf_path()), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
@@ -425,7 +424,7 @@ class LlamaCppRunner:
         return cls(llm, tokenizer, eos_ids)
 
     def __call__(self, ids: list[int], max_new_tokens: int, stop: Sequence[str] = ()) -> Run:
-        from tidar.decoding import TextStreamer
+        from tidar.decode.engine import TextStreamer
 
         streamer = TextStreamer(self.tokenizer, stop) if stop else None
         # reset() forgets the KV cache: otherwise a repeated prompt (the warm-up) would skip its prefill
@@ -449,7 +448,7 @@ class LlamaCppRunner:
 def learning_generate(store: Any) -> Callable[..., Any]:
     """`generate` drafting from `store`, which then learns each output: the prompts run earlier in
     the benchmark stand in for a server's earlier traffic. `.reset()` forgets them (after warm-up)."""
-    from tidar.decoding import generate
+    from tidar.decode.engine import generate
 
     def fn(model: Any, prompts: list[list[int]], cfg: Any, on_tokens: Any) -> Any:
         out = generate(model, prompts, cfg, on_tokens=on_tokens, datastore=store)
@@ -487,8 +486,8 @@ def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_
                 runtime, {"mode": "tidar", "block_size": opts.block_size},
                 lambda model, ps, cfg, _cb, fn=fn: fn(model, ps, cfg, threshold=opts.threshold), streams_stop=False)
         elif m == "spec":
+            from tidar.model.weights import load_model
             from tidar.runtime import DTYPE
-            from tidar.weights import load_model
 
             fn = baseline_function("spec_generate")
             if opts.draft_model:
@@ -721,7 +720,7 @@ def tidar_step_tokens(runtime: Any, opts: BenchOptions) -> int:
     pre-drafted acceptance length)."""
     cfg = runtime.generation_config(block_size=opts.block_size, policy=opts.policy, policy_k=opts.policy_k,
                                     lookup_ngram=opts.lookup_ngram)
-    from tidar.profile import step_tokens
+    from tidar.measure.profile import step_tokens
 
     return step_tokens(cfg.block_size or runtime.model.config.block_size, cfg.policy, cfg.policy_k)
 
@@ -858,7 +857,7 @@ def _bench(args: argparse.Namespace, methods: list[str], opts: BenchOptions, pro
         "methods": result.methods,
     }
     compiled = " compiled" if rt.compiled else ""
-    compiled += " | tidar.kernels" if rt.model.kernels_on else " | PyTorch engine path"
+    compiled += " | tidar.model.kernels" if rt.model.kernels_on else " | PyTorch engine path"
     print(f"{rt.name} | {args.dtype}{compiled} | {report['threads']} threads | {len(prompts)} prompts from {source} | "
           f"max {args.max_new_tokens} new tokens")
     print(format_table(result.methods))
@@ -870,7 +869,7 @@ def _bench(args: argparse.Namespace, methods: list[str], opts: BenchOptions, pro
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plots:
-        from tidar.plots import plot_bench
+        from tidar.measure.plots import plot_bench
 
         profile = json.loads(Path(args.profile).read_text()) if args.profile else None
         for png in plot_bench(report, args.plots, profile=profile):

@@ -40,11 +40,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tidar.decoding import GenerationConfig, GenerationError
+from tidar.decode.engine import GenerationConfig, GenerationError
+from tidar.model.weights import chat_ids
 from tidar.runtime import Runtime, TextResult
-from tidar.weights import chat_ids
 
-log = logging.getLogger("tidar.server")
+log = logging.getLogger("tidar.serve.server")
 
 # A step feeds b + b*b tokens (all pre-draft blocks); past this a request could stall the worker.
 MAX_BLOCK_SIZE = 32
@@ -396,7 +396,7 @@ def create_app(runtime: Runtime, model_name: str | None = None) -> FastAPI:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from tidar.cli import Parser, dtype_arg, positive_int, setup_torch
-    from tidar.weights import WeightsError
+    from tidar.model.weights import WeightsError
 
     p = Parser(prog="tidar serve", description="OpenAI-compatible HTTP server (one generation at a time)")
     p.add_argument("--model", default=None,

@@ -1,10 +1,10 @@
 """lm-evaluation-harness integration: the model class "tidar" plus pure scoring functions.
 
-    python -m tidar.lm_eval_adapter --model tidar --model_args model=smollm2,dtype=float32 \\
+    python -m tidar.serve.lm_eval --model tidar --model_args model=smollm2,dtype=float32 \\
         --tasks TASK --include_path DIR_WITH_LOCAL_TASK_YAMLS
 
 The harness has no plugin discovery for model classes, so `lm_eval --model tidar` only works in
-a process that imported this module; `python -m tidar.lm_eval_adapter ...` is the harness CLI with
+a process that imported this module; `python -m tidar.serve.lm_eval ...` is the harness CLI with
 "tidar" registered. From Python: `lm_eval.simple_evaluate(model=TidarLM(model="smollm2"), ...)`.
 
 Scoring (loglikelihood, loglikelihood_rolling) is one causal AR forward: the TiDAR model's AR

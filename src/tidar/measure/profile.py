@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from tidar.decoding import FREE_ROWS
+from tidar.decode.engine import FREE_ROWS
 from tidar.masks import causal_mask, with_prefix
-from tidar.model import KVCache, Transformer
+from tidar.model.transformer import KVCache, Transformer
 
 
 def forward_steps(model: Transformer, tokens: Sequence[int], prefix: int = 256,

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tidar.datastore import DATASTORE_FILE
-from tidar.weights import ADAPTER_FILE, MANIFEST_FILE, SHIPPED_MODEL, file_sha256, read_manifest
+from tidar.decode.datastore import DATASTORE_FILE
+from tidar.model.weights import ADAPTER_FILE, MANIFEST_FILE, SHIPPED_MODEL, file_sha256, read_manifest
 
 
 def _git_commit() -> str | None:

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tidar.weights import chat_ids
+from tidar.decode.datastore import DATASTORE_FILE, Datastore
+from tidar.model.weights import MANIFEST_FILE, chat_ids, file_sha256, model_vocab_size
 
 __all__ = [
     "DataError",
@@ -637,7 +638,7 @@ def generate_shards(
     """
     import time
 
-    from tidar.decoding import GenerationConfig, generate
+    from tidar.decode.engine import GenerationConfig, generate
 
     if samples < 1 or prompt_tokens < 8 or new_tokens < 1 or batch_size < 1 or val_every < 2:
         raise DataError("need samples >= 1, prompt_tokens >= 8, new_tokens >= 1, batch_size >= 1, val_every >= 2")
@@ -710,6 +711,50 @@ def generate_shards(
         generated={"model": model_name or type(model).__name__,
                    "completion_tokens": sum(len(r["completion"]) for r in rows), "samples": len(rows)},
         skipped={})
+
+
+def from_generated(dirs: Sequence[str | Path]) -> tuple[list[list[int]], list[dict]]:
+    """The completions of `tidar data generate` output directories (their `generated.jsonl`), and a
+    record of each directory (path, samples, tokens, the prompts' description) for provenance."""
+    seqs: list[list[int]] = []
+    sources = []
+    for d in dirs:
+        log = Path(d) / GENERATED_LOG
+        if not log.exists():
+            raise DataError(f"{log} not found: pass directories written by `tidar data generate`")
+        n = tokens = 0
+        src = ""
+        with open(log) as f:
+            for line in f:
+                r = json.loads(line)
+                seqs.append(r["completion"])
+                n += 1
+                tokens += len(r["completion"])
+                src = src or r.get("src", "")
+        sources.append({"dir": str(d), "samples": n, "tokens": tokens, "prompts": src})
+    return seqs, sources
+
+
+def build_datastore(generated: Sequence[str | Path], out: Path, orders: Sequence[int],
+                    operating_point: dict[str, Any] | None = None) -> tuple[Path, Datastore]:
+    """Index `tidar data generate` outputs into model directory `out` (datastore.safetensors), and
+    record what it holds (and any operating-point defaults) in the model's manifest."""
+    if not out.is_dir():
+        raise DataError(f"--out {out} is not a directory: pass a model directory (e.g. from `tidar export`)")
+    op = dict(operating_point or {})
+    if op and not (out / MANIFEST_FILE).exists():
+        raise DataError(f"{out} has no {MANIFEST_FILE} to record the operating point {op} in")
+    seqs, sources = from_generated(generated)
+    ds = Datastore(seqs, model_vocab_size(out), orders, meta={"sources": sources})
+    path = ds.save(out)
+    manifest = out / MANIFEST_FILE
+    if manifest.exists():  # record what the datastore holds next to the adapter's provenance
+        m = json.loads(manifest.read_text())
+        m["datastore"] = {"file": DATASTORE_FILE, "sha256": file_sha256(path), "tokens": len(ds),
+                          "sequences": ds.sequences, "orders": list(ds.orders), "sources": sources}
+        m.setdefault("operating_point", {}).update(op)
+        _atomic_write_text(manifest, json.dumps(m, indent=2) + "\n")
+    return path, ds
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -826,9 +871,9 @@ def val_batches(
 
 
 def _default_tokenizer():
-    """The project tokenizer: tidar.weights.load_tokenizer() when present, else SmolLM2's GGUF tokenizer."""
+    """The project tokenizer: tidar.model.weights.load_tokenizer() when present, else SmolLM2's GGUF tokenizer."""
     try:
-        from tidar.weights import load_tokenizer  # type: ignore[attr-defined]
+        from tidar.model.weights import load_tokenizer  # type: ignore[attr-defined]
     except ImportError:
         load_tokenizer = None
     if load_tokenizer is not None:

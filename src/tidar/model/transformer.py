@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tidar import kernels
-from tidar.config import AdapterConfig, TidarConfig
+from tidar.model import kernels
+from tidar.model.config import AdapterConfig, TidarConfig
 
 # Which rows are [MASK] tokens: None (none), an int (rows from there on, per sequence), or a bool (B, T)
 MaskRows = int | torch.Tensor | None
@@ -393,7 +393,7 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
-        self.kernels = False  # the engine's norms and residual add through `tidar.kernels`
+        self.kernels = False  # the engine's norms and residual add through `tidar.model.kernels`
 
     def forward(self, x, cos, sin, attn_mask, mask_rows, kv, offset):  # noqa: ANN001, ANN201
         if self.kernels and kv is not None and not self.training and not torch.is_grad_enabled():
@@ -426,7 +426,7 @@ class Transformer(nn.Module):
         self._compiled_block: object | None = None
         self._packed_head: PackedWeight | None = None
         self._was_packed = False  # packing state to restore when compiled blocks are dropped
-        # the engine's layers (norms, RoPE + cache writes, attention, adapter branch) run on `tidar.kernels`;
+        # the engine's layers (norms, RoPE + cache writes, attention, adapter branch) run on `tidar.model.kernels`;
         # they have no backward, so a forward with grad enabled takes the PyTorch path
         self._kernels = False
         self._had_kernels = False
@@ -461,7 +461,7 @@ class Transformer(nn.Module):
     def fuse_for_inference(self, pack: bool = True, use_kernels: bool = True) -> Transformer:
         """Fuse q/k/v and gate/up projections and their adapters, (`pack`, CPU) pre-pack every
         inference weight for oneDNN, and (`use_kernels`, CPU) run the engine's layers on the
-        compiled kernels (`tidar.kernels`) where they build. Call after the last `.to()`
+        compiled kernels (`tidar.model.kernels`) where they build. Call after the last `.to()`
         and after loading weights: the fused adapter and the packed weights are copies; training
         ignores the fused path."""
         for layer in self.layers:
@@ -474,7 +474,7 @@ class Transformer(nn.Module):
         return self.pack_weights(pack)
 
     def use_kernels(self, enable: bool = True) -> bool:
-        """Switch the engine between the compiled kernels (`tidar.kernels`, where they build and fit
+        """Switch the engine between the compiled kernels (`tidar.model.kernels`, where they build and fit
         this model: CPU, float32/bfloat16, head_dim 16/32/64/128) and its PyTorch path; both are
         exact. Returns whether the kernels are on. Needs `fuse_for_inference` first."""
         p = self.embed_tokens.weight
@@ -617,19 +617,19 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, name: str | None = None, dtype: torch.dtype = torch.float32) -> Transformer:
         """A checkpoint directory (ours, HF Llama/Qwen2, or an adapter), 'smollm2', or None (shipped)."""
-        from tidar.weights import load_model
+        from tidar.model.weights import load_model
 
         return load_model(name, dtype=dtype)
 
     def save_pretrained(self, directory: str, tokenizer: object = None) -> None:
-        from tidar.weights import save_pretrained
+        from tidar.model.weights import save_pretrained
 
         save_pretrained(self, directory, tokenizer)
 
     def generate(self, input_ids: torch.Tensor | list[list[int]], **kwargs: object) -> list[list[int]]:
         """`generate(input_ids, max_new_tokens=..., do_sample=..., temperature=..., top_k=..., top_p=...,
         seed=..., mode='tidar'|'ar', block_size=...)` -> generated ids per row (no padding)."""
-        from tidar.decoding import GenerationConfig, generate
+        from tidar.decode.engine import GenerationConfig, generate
 
         rows = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
         return generate(self, rows, GenerationConfig(**kwargs)).sequences

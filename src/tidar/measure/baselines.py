@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from tidar.decoding import GenerationConfig, GenerationError, GenerationOutput, GenerationStats, sample, speculative_accept, warp
+from tidar.decode.engine import GenerationConfig, GenerationError, GenerationOutput, GenerationStats, sample, speculative_accept, warp
 from tidar.masks import causal_mask, with_prefix
-from tidar.model import KVCache, Transformer
+from tidar.model.transformer import KVCache, Transformer
 
 
 def _prefill(model: Transformer, prompt: Sequence[int], cache: KVCache) -> torch.Tensor:

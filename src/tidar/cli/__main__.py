@@ -1,0 +1,5 @@
+import sys
+
+from tidar.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""What every `tidar` subcommand shares: the one-line-error parser, argument types, error reporting.
+
+Light on purpose (torch and the engine load inside the functions that need them), so `tidar --help`
+and argument errors are instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+
+class CLIError(Exception):
+    """An error to show as one line, without a traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line instead of usage + error
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def int_list(text: str) -> list[int]:
+    """'4,3,2' -> [4, 3, 2]."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def dtype_arg(text: str) -> str:
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"dtype must be float32 or bfloat16, got {text!r}")
+    return DTYPES[text]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="model directory, or 'smollm2' for the base model (default: the shipped TiDAR model)")
+    p.add_argument("--dtype", type=dtype_arg, default="bfloat16", help="float32 | bfloat16 (default)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoder blocks (default: the model's operating point)")
+
+
+def setup_torch(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def run_reporting_errors(body: Callable[[], int], *user_errors: type[BaseException]) -> int:
+    """Run a command body: a user error (bad input, missing weights, ...) prints one line and gives
+    exit code 2 instead of a traceback; Ctrl-C gives 130."""
+    from tidar.decode.engine import GenerationError
+    from tidar.model.weights import WeightsError
+
+    try:
+        return int(body() or 0)
+    except (CLIError, GenerationError, WeightsError, argparse.ArgumentTypeError, *user_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def parse_or_exit_code(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    """Parsed args, or argparse's exit code (its one-line error is already printed)."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)

@@ -1,0 +1,1 @@
+"""Measurement: the side-by-side benchmark, latency profiles, HumanEval/perplexity and plots."""

@@ -1,0 +1,1 @@
+"""The network: config, transformer, KV cache, CPU kernels and weight I/O. Knows no decoder."""

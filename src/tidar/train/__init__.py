@@ -1,0 +1,1 @@
+"""Training: corpora and shards, self-generated data, objectives, the trainer and the shipped-model export."""
