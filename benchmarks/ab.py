@@ -7,13 +7,18 @@ interleaved per prompt with the order rotated, so machine noise hits all variant
 tokens/s, the ratio to the first variant, tokens and rows per forward, and whether outputs agree.
 
     .venv/bin/python benchmarks/ab.py --start 20 --limit 20 \
-        --variants '{"ar": {"mode": "ar"}, "pre": {"span_predraft": true}, "default": {}}'
+        --variants '{"ar": {"mode": "ar"}, "all": {"policy": "all"}, "default": {}}'
     .venv/bin/python benchmarks/ab.py --limit 12 --variants \
         '{"ar": {"mode": "ar", "pack": false}, "ar+pack": {"mode": "ar"}, "tidar": {"pack": false}, "tidar+pack": {}}'
     .venv/bin/python benchmarks/ab.py --start 80 --limit 16 \
         --variants '{"ar": {"mode": "ar"}, "all": {}, "no_o_down": {"adapter_off": ["o", "down"]}}'
     .venv/bin/python benchmarks/ab.py --limit 164 \
         --variants '{"ar": {"mode": "ar"}, "shipped": {}, "new": {"model": "out/candidate"}}'
+
+Variants of the options removed on 2026-12-06 (`span_predraft`, `lookup_occurrence`,
+`datastore_confidence`, `policy="topk"`/`policy_k`) can no longer run: GenerationConfig rejects
+them. Their recorded A/Bs (e.g. the span_predraft one this script's first example used to run) are
+in docs/operating-point.md and benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import argparse
 import json
 import time
 
-from tidar.decode.engine import Decoder
+from tidar.decode import Decoder
 from tidar.measure.bench import Prompt, load_prompts
 from tidar.model.transformer import FusedLinear
 from tidar.runtime import Runtime
@@ -72,7 +77,7 @@ def main() -> None:
             for k, fs in fused[m].items():  # a FusedLinear without lora_b takes its base-only path
                 for f, b in zip(fs, adapters[m][k], strict=True):
                     f.lora_b = None if k in off else b
-            dec = Decoder(rt.model, rt.generation_config(None, max_new_tokens=args.max_new_tokens, **overrides))
+            dec = Decoder(rt.model, rt.generation_config(max_new_tokens=args.max_new_tokens, **overrides))
             t = time.perf_counter()
             toks = [tok for out in dec.stream([ids]) for tok in out[0]]
             tot = totals[name]

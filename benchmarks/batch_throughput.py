@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from tidar.decode.engine import generate
+from tidar.decode import generate
 from tidar.measure.bench import load_prompts
 from tidar.runtime import Runtime
 

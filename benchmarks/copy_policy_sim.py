@@ -4,8 +4,9 @@ In greedy decoding a draft's fate depends only on AR's output: a step commits th
 its draft that AR's output confirms, plus the bonus token. So, given AR's greedy outputs on the
 HumanEval prompts (generated once and cached in `--outputs`), the forwards that a policy of
 prompt-lookup and datastore drafts needs can be counted exactly without running the model. The
-engine's own draft choice (`Decoder._continuation`) is what runs for the engine's policies; the
-tree policies verify several branches after the bonus token in one forward (shared prefixes once).
+engine's own draft choice (its `DraftPolicy` over `LookupDrafter` and `DatastoreDrafter`, as a
+`Decoder` builds them) is what runs for the engine's policies; the tree policies verify several
+branches after the bonus token in one forward (shared prefixes once).
 The trained diffusion block is left out: it commits under 1% of the accepted draft tokens once the
 datastore is on, so `shipped` here is within 1% of the engine's measured tokens/forward.
 
@@ -14,6 +15,11 @@ plain-forward latency per row count (`--latency`, measured on first use); it is 
 only a same-process A/B (`benchmarks/ab.py`) says what is faster.
 
     .venv/bin/python benchmarks/copy_policy_sim.py          # ~2 min; +7 min on first use (AR outputs)
+    .venv/bin/python benchmarks/copy_policy_sim.py --limit 4   # the first 4 prompts only: a smoke test
+
+Removed with the `lookup_occurrence` option (2026-12-06): the "latest occurrence" rows, and the
+"lookup 16, latest, no datastore" row, which now runs with the only occurrence rule left (longest).
+Their logged counts stay in results/copy-policy-sim.log; see docs/operating-point.md.
 """
 
 from __future__ import annotations
@@ -24,19 +30,20 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tidar.decode.datastore import Datastore
-from tidar.decode.engine import Decoder
+from tidar.decode import Datastore, Decoder
+from tidar.decode.drafters import Draft, DraftContext
+from tidar.decode.drafters.lookup import LookupDrafter
 from tidar.runtime import Runtime
 
 
 def generate_outputs(rt: Runtime, path: Path) -> dict:
-    from tidar.decode.engine import generate
+    from tidar.decode import generate
     from tidar.measure.bench import load_prompts
 
     rows = []
     for p in load_prompts("humaneval", None, None):
         ids = rt.encode(p.text, chat=p.chat)
-        out = generate(rt.model, [ids], rt.generation_config(None, max_new_tokens=128, mode="ar"))
+        out = generate(rt.model, [ids], rt.generation_config(max_new_tokens=128, mode="ar"))
         rows.append({"prompt": list(ids), "output": out.sequences[0]})
     data = {"model": rt.name, "dtype": "bfloat16", "mode": "ar", "max_new_tokens": 128, "prompts": rows}
     path.write_text(json.dumps(data) + "\n")
@@ -68,28 +75,34 @@ def trie_rows(branches: list[list[int]]) -> int:
 
 
 class Engine:
-    """The engine's draft state for one sequence: its history and prompt-lookup index."""
+    """The engine's copy drafts for one sequence: its history, and the draft policy a `Decoder` with
+    these overrides builds (prompt lookup, else the datastore), asked as on a step without a
+    [MASK] block, so no diffusion draft takes part."""
 
     def __init__(self, rt: Runtime, **overrides: object) -> None:
-        self.dec = Decoder(rt.model, rt.generation_config(None, **overrides))
+        self.policy = Decoder(rt.model, rt.generation_config(**overrides)).policy
+        lookups = [d for d in self.policy.copies if isinstance(d, LookupDrafter)]
+        if not lookups:
+            raise SystemExit("error: the operating point has no prompt lookup (lookup_ngram 0)")
+        self.lookup = lookups[0]
+        self.ctx: list[int] = []
 
     def reset(self, ctx: list[int]) -> None:
-        self.dec.history, self.dec.ngram_index = [ctx], [{}]
-        self.dec._index_ngrams(0, 0)
+        self.ctx = ctx
+        self.policy.start([ctx])
 
     def extended(self, start: int) -> None:
-        self.dec._index_ngrams(0, start)
+        self.policy.extend(0, self.ctx, start)
 
-    @property
-    def ctx(self) -> list[int]:
-        return self.dec.history[0]
+    def propose(self) -> Draft:
+        return self.policy.draft(0, DraftContext(self.ctx, None, 0))
 
     def draft(self) -> list[int]:
-        return self.dec._continuation(0)[0]
+        return self.propose().tokens
 
     def occurrences(self) -> list[int]:
-        n = self.dec.cfg.lookup_ngram
-        return self.dec.ngram_index[0].get(tuple(self.ctx[-n:]), [])
+        n = self.lookup.n
+        return self.lookup.index[0].get(tuple(self.ctx[-n:]), [])
 
 
 Policy = Callable[[Engine], list[list[int]]]
@@ -134,10 +147,14 @@ def main() -> None:
                    help="AR greedy outputs on the 164 HumanEval prompts (generated and written here when missing)")
     p.add_argument("--latency", default="benchmarks/results/latency-plain-rows.json",
                    help="plain-forward latency by rows (measured and written here when missing)")
+    p.add_argument("--limit", type=int, default=None, help="simulate the first N prompts only (default: all)")
     args = p.parse_args()
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
     rt = Runtime.load(None, dtype="bfloat16")
     out_path, lat_path = Path(args.outputs), Path(args.latency)
     data = json.loads(out_path.read_text()) if out_path.exists() else generate_outputs(rt, out_path)
+    data["prompts"] = data["prompts"][: args.limit]
     if lat_path.exists():
         latency = {int(k): v for k, v in json.loads(lat_path.read_text())["latency_plain_s"].items()}
     else:
@@ -146,19 +163,18 @@ def main() -> None:
     op = rt.operating_point
     print(f"{len(data['prompts'])} HumanEval prompts, {sum(len(r['output']) for r in data['prompts'])} AR tokens; "
           f"datastore {len(ds):,} tokens; shipped: lookup_tokens {op.get('lookup_tokens')}, "
-          f"datastore_tokens {op.get('datastore_tokens')}, lookup_occurrence {op.get('lookup_occurrence', 'longest')}")
+          f"datastore_tokens {op.get('datastore_tokens')}")
     D = op.get("datastore_tokens", 4)
 
     def single(e: Engine) -> list[list[int]]:  # the engine's own choice: one draft
         return [e.draft()]
 
     print("-- the engine's policy (one draft per step)")
-    for occurrence in ("latest", "longest"):
-        for L in (6, 8, 10, 12, 16):
-            show(f"lookup {L}, {occurrence} occurrence, datastore {D}",
-                 simulate(data, Engine(rt, lookup_tokens=L, lookup_occurrence=occurrence), single, latency))
-    show("lookup 16, latest, no datastore",
-         simulate(data, Engine(rt, lookup_tokens=16, lookup_occurrence="latest", datastore_tokens=0), single, latency))
+    for L in (6, 8, 10, 12, 16):  # the furthest-matching ("longest") occurrence is the engine's only rule
+        show(f"lookup {L}, longest occurrence, datastore {D}",
+             simulate(data, Engine(rt, lookup_tokens=L), single, latency))
+    show("lookup 16, longest, no datastore",
+         simulate(data, Engine(rt, lookup_tokens=16, datastore_tokens=0), single, latency))
 
     print("-- lookup spans that adapt: +up tokens after a fully accepted span, -down after a rejection")
 
@@ -168,10 +184,11 @@ def main() -> None:
         def pol(e: Engine) -> list[list[int]]:
             if last["draft"]:  # how the previous lookup span fared decides this one's length
                 full = matched(last["draft"], e.ctx[last["start"]:]) >= len(last["draft"])
-                e.dec.lookup_limit = min(hi, e.dec.lookup_limit + up) if full else max(lo, e.dec.lookup_limit - down)
-            draft, source = e.dec._continuation(0)
-            last.update(draft=draft if source == "lookup" else None, start=len(e.ctx))
-            return [draft]
+                n = e.lookup.max_tokens
+                e.lookup.max_tokens = min(hi, n + up) if full else max(lo, n - down)
+            d = e.propose()
+            last.update(draft=d.tokens if d.source == "lookup" else None, start=len(e.ctx))
+            return [d.tokens]
         return pol
 
     for lo, hi, up, down in ((8, 16, 4, 2), (8, 24, 8, 8), (8, 32, 8, 4), (6, 16, 4, 2)):
@@ -200,7 +217,7 @@ def main() -> None:
         """The engine's lookup draft and other occurrences' continuations (distinct first tokens),
         then, when there is none (or always, `both`), the datastore's top successors."""
         br = [e.draft()] if e.occurrences() else []
-        L = e.dec.lookup_limit
+        L = e.lookup.max_tokens
         for j in reversed(e.occurrences()):
             if len(br) >= lookup_k:
                 break

@@ -16,8 +16,10 @@ import argparse
 import torch
 
 from tidar.model.weights import WeightsError, load_model
-from tidar.train.data import DataError, TokenShards
-from tidar.train.trainer import TrainConfig, evaluate
+from tidar.train.config import TrainConfig
+from tidar.train.errors import DataError
+from tidar.train.loader import TokenShards
+from tidar.train.validation import evaluate
 
 
 def _block_sizes(text: str) -> list[int]:

@@ -1,6 +1,6 @@
 """What the `self-kl` diffusion loss costs per training step on SmolLM2's shapes, forward + backward of
 the loss alone (logits in, logit gradients out): the written-out KL(p_AR || q) that the seventh chunk's
-KL run trained with, the fused soft-target cross-entropy `tidar_loss` uses now (`tidar.train.trainer.self_kl`), and the argmax
+KL run trained with, the fused soft-target cross-entropy `tidar_loss` uses now (`tidar.train.objectives.self_kl`), and the argmax
 cross-entropy of `self` for reference. Run on an idle machine; medians of --repeats.
 
     .venv/bin/python benchmarks/kl_loss_cost.py
@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tidar.train.trainer import self_kl
+from tidar.train.objectives import self_kl
 
 
 def written_out(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

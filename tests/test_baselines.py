@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_model
 from test_decoding import ar, prompts
 
-from tidar.decode.engine import GenerationConfig
+from tidar.decode import GenerationConfig
 from tidar.measure.baselines import diffusion_generate, spec_generate, truncated_draft
 
 

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from tidar.train import data
-from tidar.train.data import DataError, TokenShards, batch_at, build_shards, resolve_source, val_batches
+from tidar.cli.data import main as data_main
+from tidar.train import corpora
+from tidar.train.corpora import resolve_source
+from tidar.train.errors import DataError
+from tidar.train.loader import TokenShards, batch_at, val_batches
+from tidar.train.selfgen import GENERATED_LOG, code_prompts, generate_shards
+from tidar.train.shards import build_shards
 
 
 class ByteTokenizer:
@@ -114,7 +119,7 @@ def test_val_split_by_file_never_stdlib_tests(monkeypatch: pytest.MonkeyPatch, t
         (lib / f"mod{i}.py").write_text("m = 1\n")
     (lib / "site-packages").mkdir()
     (lib / "site-packages" / "foreign.py").write_text("f = 1\n")
-    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"stdlib": str(lib)})
+    monkeypatch.setattr(corpora.sysconfig, "get_paths", lambda: {"stdlib": str(lib)})
     assert len(resolve_source("stdlib")) == 30
     val_sets = set()
     for seed in range(12):
@@ -216,32 +221,21 @@ def test_source_errors(tmp_path: Path) -> None:
 
 
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as e:
-        data.main(["build", "--sources", "nope", "--out", str(tmp_path / "o")])
-    assert e.value.code == 2
+    assert data_main(["build", "--sources", "nope", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown source 'nope'") and "Traceback" not in err
-    with pytest.raises(SystemExit) as e:
-        data.main(["info", str(tmp_path)])
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:  # fails before any model is loaded
-        data.main(["generate", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "g"), "--samples", "1"])
-    assert e.value.code == 2
+    assert data_main(["info", str(tmp_path)]) == 2
+    # fails before any model is loaded
+    assert data_main(["generate", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "g"), "--samples", "1"]) == 2
     assert "build shards first" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        data.main(["generate", "--shards", str(tmp_path), "--out", str(tmp_path / "g"), "--samples", "1",
-                   "--skip-prompts", "3"])
-    assert e.value.code == 2
+    assert data_main(["generate", "--shards", str(tmp_path), "--out", str(tmp_path / "g"), "--samples", "1",
+                      "--skip-prompts", "3"]) == 2
     assert "--skip-prompts applies to --prompts code only" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        data.main(["generate", "--shards", str(tmp_path), "--out", str(tmp_path / "g"), "--samples", "1",
-                   "--code-source", str(tmp_path)])
-    assert e.value.code == 2
+    assert data_main(["generate", "--shards", str(tmp_path), "--out", str(tmp_path / "g"), "--samples", "1",
+                      "--code-source", str(tmp_path)]) == 2
     assert "--code-source applies to --prompts code only" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        data.main(["generate", "--prompts", "code", "--shards", str(tmp_path), "--out", str(tmp_path / "g"),
-                   "--samples", "1", "--code-source", f"stdlib,{tmp_path / 'missing'}"])
-    assert e.value.code == 2
+    assert data_main(["generate", "--prompts", "code", "--shards", str(tmp_path), "--out", str(tmp_path / "g"),
+                      "--samples", "1", "--code-source", f"stdlib,{tmp_path / 'missing'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -294,13 +288,13 @@ def test_split_survives_moving_the_corpus(corpus: Path, tmp_path: Path) -> None:
     assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
 
 
-@pytest.mark.skipif(not data.PYTHON_DOC_DIR.is_dir(), reason="python3.11-doc not installed")
+@pytest.mark.skipif(not corpora.PYTHON_DOC_DIR.is_dir(), reason="python3.11-doc not installed")
 def test_python_doc_source() -> None:
     items = resolve_source("python-doc")
     assert len(items) > 100 and all(isinstance(p, Path) for p in items)
 
 
-@pytest.mark.skipif(not data.BIBLE_DATA.exists() or data.shutil.which("bible") is None, reason="bible-kjv missing")
+@pytest.mark.skipif(not corpora.BIBLE_DATA.exists() or corpora.shutil.which("bible") is None, reason="bible-kjv missing")
 def test_bible_source() -> None:
     books = resolve_source("bible")
     assert len(books) == 66
@@ -309,7 +303,7 @@ def test_bible_source() -> None:
 
 
 def test_held_out_documents_by_names_and_by_split(tmp_path):
-    from tidar.train.data import held_out_documents
+    from tidar.train.corpora import held_out_documents
 
     for i in range(6):
         (tmp_path / f"doc{i}.txt").write_text(f"document number {i}\n")
@@ -324,26 +318,26 @@ def _generated(src: Path, out: Path, samples: int, seed: int = 0):
     from conftest import tiny_model
 
     model = tiny_model(seed=1, vocab_size=257)
-    return model, data.generate_shards(model, ByteTokenizer(), src, out, samples=samples, prompt_tokens=12,
+    return model, generate_shards(model, ByteTokenizer(), src, out, samples=samples, prompt_tokens=12,
                                        new_tokens=5, batch_size=3, val_every=3, seed=seed, progress=False)
 
 
 def test_generate_shards_are_greedy_continuations_and_resume(corpus: Path, tmp_path: Path) -> None:
-    from tidar.decode.engine import GenerationConfig, generate
+    from tidar.decode import GenerationConfig, generate
 
     build_shards([str(corpus)], ByteTokenizer(), tmp_path / "src", val_fraction=0.1, seed=0, progress=False)
     train = np.asarray(TokenShards(tmp_path / "src").split("train"), dtype=np.int64)
     model, idx = _generated(tmp_path / "src", tmp_path / "gen", samples=4)
     assert idx is not None and idx["generated"]["samples"] == 4
     # a resumed run with a torn last line equals a fresh run of the full size
-    with (tmp_path / "gen" / data.GENERATED_LOG).open("a") as fh:
+    with (tmp_path / "gen" / GENERATED_LOG).open("a") as fh:
         fh.write('{"i": 4, "seed": 0, "pro')
     _, idx7 = _generated(tmp_path / "src", tmp_path / "gen", samples=7)
     _, fresh = _generated(tmp_path / "src", tmp_path / "fresh", samples=7)
     for split in ("train", "val"):
         assert (tmp_path / "gen" / f"{split}.bin").read_bytes() == (tmp_path / "fresh" / f"{split}.bin").read_bytes()
     assert idx7["val"]["files"] == ["generated:2", "generated:5"] and idx7["train"]["tokens"] > 0
-    rows = [json.loads(line) for line in (tmp_path / "gen" / data.GENERATED_LOG).read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "gen" / GENERATED_LOG).read_text().splitlines()]
     assert [r["i"] for r in rows] == list(range(7))
     gen = GenerationConfig(mode="ar", max_new_tokens=5, eos_token_id=[0])
     text = train.tobytes()
@@ -406,58 +400,58 @@ def test_code_prompts_end_after_the_docstring_and_skip_excluded_files(tmp_path: 
     (tmp_path / "held.py").write_text(_CODE.replace("add", "held_add"))
     (tmp_path / "notes.txt").write_text('def f():\n    """doc"""\n    return 1\n')
     tok = ByteTokenizer()
-    got = data.code_prompts(tok, str(tmp_path), exclude=[f"{tmp_path}:held.py"], chat_every=0)
+    got = code_prompts(tok, str(tmp_path), exclude=[f"{tmp_path}:held.py"], chat_every=0)
     texts = sorted(tok.decode(ids) for _, ids in got)
     assert texts == [
         '@staticmethod\ndef twice(x):\n    """Double x."""\n',
         'def add(a, b=1):\n    """Add two numbers.\n\n    More words.\n    """\n',
     ]
     assert {name for name, _ in got} == {f"{tmp_path}:a.py:4", f"{tmp_path}:a.py:23"}
-    assert data.code_prompts(tok, str(tmp_path), chat_every=0, seed=3) == data.code_prompts(
+    assert code_prompts(tok, str(tmp_path), chat_every=0, seed=3) == code_prompts(
         tok, str(tmp_path), chat_every=0, seed=3)
-    assert len(data.code_prompts(tok, str(tmp_path), exclude=[f"{tmp_path}:held.py"], chat_every=0, max_tokens=50)) == 1
+    assert len(code_prompts(tok, str(tmp_path), exclude=[f"{tmp_path}:held.py"], chat_every=0, max_tokens=50)) == 1
     # a chat template turns every chat_every-th prompt into a request for that function
-    chat = data.code_prompts(ChatByteTokenizer(), str(tmp_path), exclude=[f"{tmp_path}:held.py"], chat_every=2)
+    chat = code_prompts(ChatByteTokenizer(), str(tmp_path), exclude=[f"{tmp_path}:held.py"], chat_every=2)
     asks = [tok.decode(ids) for name, ids in chat if name.startswith("chat:")]
     assert len(asks) == 1 and asks[0] in ("<user>Write a Python function `add(a, b=1)`: Add two numbers.<assistant>",
                                           "<user>Write a Python function `twice(x)`: Double x.<assistant>")
     with pytest.raises(DataError, match="no Python functions"):
-        data.code_prompts(tok, str(tmp_path / "notes.txt"))
+        code_prompts(tok, str(tmp_path / "notes.txt"))
     # skip leaves out the head of the seeded order, which an earlier run with that seed continued
-    both = data.code_prompts(tok, str(tmp_path), chat_every=0, seed=5)
-    assert data.code_prompts(tok, str(tmp_path), chat_every=0, seed=5, skip=2) == both[2:]
+    both = code_prompts(tok, str(tmp_path), chat_every=0, seed=5)
+    assert code_prompts(tok, str(tmp_path), chat_every=0, seed=5, skip=2) == both[2:]
     with pytest.raises(DataError, match="cannot skip 4 prompts: there are 4"):
-        data.code_prompts(tok, str(tmp_path), chat_every=0, skip=4)
+        code_prompts(tok, str(tmp_path), chat_every=0, skip=4)
     with pytest.raises(DataError, match="fits in 5 tokens"):
-        data.code_prompts(tok, str(tmp_path), chat_every=0, max_tokens=5)
+        code_prompts(tok, str(tmp_path), chat_every=0, max_tokens=5)
 
 
 def test_generate_shards_from_given_prompts(corpus: Path, tmp_path: Path) -> None:
     from conftest import tiny_model
 
-    from tidar.decode.engine import GenerationConfig, generate
+    from tidar.decode import GenerationConfig, generate
 
     build_shards([str(corpus)], ByteTokenizer(), tmp_path / "src", val_fraction=0.1, seed=0, progress=False)
     prompts = [(f"p{i}", ByteTokenizer().encode(f"def f{i}(x):\n")) for i in range(4)]
     model = tiny_model(seed=1, vocab_size=257)
     kw = dict(new_tokens=5, batch_size=3, val_every=2, progress=False, prompts=prompts, prompts_name="defs")
-    idx = data.generate_shards(model, ByteTokenizer(), tmp_path / "src", tmp_path / "gen", samples=4, **kw)
+    idx = generate_shards(model, ByteTokenizer(), tmp_path / "src", tmp_path / "gen", samples=4, **kw)
     assert idx["val"]["files"] == ["generated:p1", "generated:p3"] and "defs (4 prompts, crc32 " in idx["sources"][0]
-    rows = [json.loads(line) for line in (tmp_path / "gen" / data.GENERATED_LOG).read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "gen" / GENERATED_LOG).read_text().splitlines()]
     gen = GenerationConfig(mode="ar", max_new_tokens=5, eos_token_id=[0])
     for r, (_, p) in zip(rows, prompts, strict=True):
         assert r["prompt"] == p and r["completion"] == [t for t in generate(model, [p], gen).sequences[0] if t != 0]
     with pytest.raises(DataError, match="only 4 prompts"):
-        data.generate_shards(model, ByteTokenizer(), tmp_path / "src", tmp_path / "gen2", samples=5, **kw)
+        generate_shards(model, ByteTokenizer(), tmp_path / "src", tmp_path / "gen2", samples=5, **kw)
     with pytest.raises(DataError, match="other settings"):
-        data.generate_shards(model, ByteTokenizer(), tmp_path / "src", tmp_path / "gen", samples=4,
+        generate_shards(model, ByteTokenizer(), tmp_path / "src", tmp_path / "gen", samples=4,
                              **{**kw, "prompts": prompts[:3] + prompts[:1]})
 
 
 def test_code_prompts_chat_asks_with_the_docstring_whatever_its_quotes(tmp_path: Path) -> None:
     (tmp_path / "q.py").write_text('def ixor(a, b):\n    "Same as a ^= b."\n    a ^= b\n    return a\n')
     tok = ChatByteTokenizer()
-    (_, ids), = data.code_prompts(tok, str(tmp_path), chat_every=1)
+    (_, ids), = code_prompts(tok, str(tmp_path), chat_every=1)
     assert tok.decode(ids) == "<user>Write a Python function `ixor(a, b)`: Same as a ^= b.<assistant>"
 
 
@@ -470,8 +464,8 @@ def test_code_prompts_from_several_sources_leave_test_modules_out(tmp_path: Path
     for name in ("tests/c.py", "test_d.py", "e_test.py", "conftest.py"):  # test modules: never prompts
         (two / "pkg" / name).write_text(_CODE.replace("add", "tested"))
     tok = ByteTokenizer()
-    got = data.code_prompts(tok, [str(one), str(two)], chat_every=0)
+    got = code_prompts(tok, [str(one), str(two)], chat_every=0)
     texts = [tok.decode(ids) for _, ids in got]
     assert len(got) == 4 and sum("def add(" in t for t in texts) == 1 and sum("def plus(" in t for t in texts) == 1
     assert not any("tested" in t for t in texts)
-    assert sorted(got) == sorted(data.code_prompts(tok, str(one), chat_every=0) + data.code_prompts(tok, str(two), chat_every=0))
+    assert sorted(got) == sorted(code_prompts(tok, str(one), chat_every=0) + code_prompts(tok, str(two), chat_every=0))

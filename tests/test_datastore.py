@@ -8,8 +8,7 @@ import torch
 from conftest import tiny_model
 from test_decoding import THRESHOLD, ar, chi_square, exact_three_token_dist, prompts
 
-from tidar.decode.datastore import Datastore, DatastoreError
-from tidar.decode.engine import Decoder, GenerationConfig, GenerationError, generate
+from tidar.decode import Datastore, DatastoreError, Decoder, GenerationConfig, GenerationError, generate
 
 
 def test_draft_follows_the_most_frequent_next_token_and_backs_off_to_shorter_ngrams():
@@ -40,13 +39,10 @@ def test_long_ngrams_of_a_large_vocabulary_are_hashed_consistently():
     assert ds.draft([1, 2, 3, 4, 5, 6], 5) == []
 
 
-def test_confidence_cuts_the_draft_where_the_datastore_disagrees_with_itself():
-    # after "1 2" the store agrees on 3 (3 of 3), after "2 3" on 4 (2 of 3), after "3 4" it scatters
+def test_a_draft_is_the_copy_after_the_first_occurrence_cut_at_its_sequence_end():
     ds = Datastore([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 3, 7], [0, 3, 4, 8]], vocab_size=10, orders=(2,))
-    assert ds.draft([1, 2], 8) == [3, 4, 5]  # the copy after the first occurrence, to its end
-    assert ds.draft([1, 2], 8, min_confidence=0.6) == [3, 4]  # 1 * 2/3 = 0.67, then * 1/4 (3 4 -> 5)
-    assert ds.draft([1, 2], 8, min_confidence=0.7) == [3]
-    assert ds.draft([1, 2], 8, min_confidence=0.1) == [3, 4, 5]  # 0.67 * 1/4 = 0.17, then nothing follows 4 5
+    assert ds.draft([1, 2], 8) == [3, 4, 5]
+    assert ds.draft([1, 2], 2) == [3, 4]
 
 
 def test_several_branches_come_from_the_successors_in_order_of_frequency():
@@ -69,8 +65,6 @@ def test_learned_outputs_are_drafted_first_and_stay_in_their_fork(tmp_path):
     learner.learn([6, 2, 3, 9, 1])
     # the learned (2 3) -> 9 beats the tables' (2 3) -> 4, even against their longer n-gram
     assert learner.draft([1, 2, 3], 3) == [9, 8]
-    # token by token: 9 (2 of 2), then 1 (1 of 2, tied with 8: the smaller id), then nothing known
-    assert learner.draft([1, 2, 3], 3, min_confidence=0.5) == [9, 1]
     assert learner.draft([5, 5], 3) == []
     assert ds.draft([1, 2, 3], 3) == [4, 5] and ds.learned_tokens == 0  # the original never learned
     assert (learner.learned_sequences, learner.learned_tokens) == (2, 10)
@@ -84,7 +78,7 @@ def test_learned_outputs_are_drafted_first_and_stay_in_their_fork(tmp_path):
 
 
 def test_learning_is_bounded(monkeypatch):
-    import tidar.decode.datastore as dsm
+    import tidar.decode.drafters.datastore as dsm
 
     monkeypatch.setattr(dsm, "LEARN_LIMIT", 8)
     ds = Datastore([[1, 2]], vocab_size=10, orders=(2,))
@@ -193,3 +187,11 @@ def test_cli_builds_into_a_model_directory_and_records_it(tmp_path, capsys):
                  "--datastore-tokens", "4"]) == 2  # no manifest to record it in
     assert "tidar.json" in capsys.readouterr().err
     assert main(["datastore", "info", str(tmp_path)]) == 2
+    # --orders: which n-gram lengths are indexed (a 1-gram key finds what the 2-gram table cannot)
+    assert main(["datastore", "build", "--generated", str(gen), "--out", str(model_dir), "--orders", "1"]) == 0
+    assert Datastore.load(model_dir).orders == (1,) and Datastore.load(model_dir).draft([0, 6], 2) == [7, 8]
+    assert main(["datastore", "build", "--generated", str(gen), "--out", str(model_dir), "--orders", "x"]) == 2
+    # --datastore-tokens: recorded as the model's operating point when it has a manifest
+    (model_dir / "tidar.json").write_text("{}")
+    assert main(["datastore", "build", "--generated", str(gen), "--out", str(model_dir), "--datastore-tokens", "3"]) == 0
+    assert json.loads((model_dir / "tidar.json").read_text())["operating_point"] == {"datastore_tokens": 3}

@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from tidar.decode.engine import Decoder, GenerationConfig, GenerationError, TextStreamer, generate, speculative_accept, warp
+from tidar.decode import Decoder, GenerationConfig, GenerationError, TextStreamer, generate
+from tidar.decode.accept import speculative_accept
+from tidar.decode.sampling import warp
 from tidar.masks import causal_mask
 
 
@@ -21,7 +23,7 @@ def ar(model, ps, n=24, **kw):
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 3, 4, 6])
-@pytest.mark.parametrize("policy", ["all", "full", "topk"])
+@pytest.mark.parametrize("policy", ["all", "full"])
 def test_greedy_tidar_equals_ar_on_untrained_model(block_size, policy):
     model = tiny_model(seed=block_size)
     ps = prompts(12, seed=block_size)
@@ -47,17 +49,16 @@ class OracleDecoder(Decoder):
         self.corrupt_prob = corrupt_prob
         self.rng = torch.Generator().manual_seed(0)
 
-    def _new_draft(self, bonus, ar_at, block_logits, shift=None):
-        drafts, q = super()._new_draft(bonus, ar_at, block_logits, shift)
+    def _next_drafts(self, st, bonus, block_logits, shift):
+        super()._next_drafts(st, bonus, block_logits, shift)
         e = self.stats.generated_tokens  # the bonus is reference[e - 1]
         true = self.reference[e: e + self.b - 1]
         true = true + [0] * (self.b - 1 - len(true))
-        drafts[0, 1:] = torch.tensor(true)
+        st.drafts[0, 1:] = torch.tensor(true)
         if torch.rand(1, generator=self.rng) < self.corrupt_prob:
             k = int(torch.randint(1, self.b, (1,), generator=self.rng)) if self.b > 1 else 0
             if k:
-                drafts[0, k] = (drafts[0, k] + 1) % 97
-        return drafts, q
+                st.drafts[0, k] = (st.drafts[0, k] + 1) % 97
 
 
 @pytest.mark.parametrize("corrupt_prob", [0.0, 0.5])
@@ -262,76 +263,55 @@ def test_prompt_lookup_drafts_are_lossless_and_accepted_on_repetitive_text():
 
 def test_long_lookup_drafts_extend_past_the_block_losslessly():
     """A copied span longer than the block is verified in one step (draft length > b): output still
-    equals AR, alone and in a ragged batch whose sequences get drafts of different lengths, whether
-    or not such steps also pre-draft [MASK] blocks."""
+    equals AR, alone and in a ragged batch whose sequences get drafts of different lengths; steps
+    verifying such spans feed no [MASK] blocks."""
     model = tiny_model(seed=0, vocab_size=16)
     p = [[1, 2, 3]]
     cfg = dict(max_new_tokens=80, block_size=3, lookup_ngram=2)
     short = generate(model, p, GenerationConfig(**cfg))
     long = generate(model, p, GenerationConfig(**cfg, lookup_tokens=8))
-    with_blocks = generate(model, p, GenerationConfig(**cfg, lookup_tokens=8, span_predraft=True))
-    assert long.sequences == with_blocks.sequences == short.sequences == [ar(model, p, 80)[0]]
-    for out in (long, with_blocks):
-        hist = out.stats.acceptance_histogram
-        assert len(hist) == 9 and sum(hist[3:]) > 0  # some steps accepted more than b tokens
-        assert out.stats.tokens_per_forward > short.stats.tokens_per_forward
-    assert short.stats.query_tokens_per_forward == 12  # b + b * b
-    # span steps with blocks feed the span plus 3 blocks of 3 masks; without, the span alone
-    assert with_blocks.stats.query_tokens_per_forward > 12
-    assert long.stats.query_tokens_per_forward < with_blocks.stats.query_tokens_per_forward
+    assert long.sequences == short.sequences == [ar(model, p, 80)[0]]
+    hist = long.stats.acceptance_histogram
+    assert len(hist) == 9 and sum(hist[3:]) > 0  # some steps accepted more than b tokens
+    assert long.stats.tokens_per_forward > short.stats.tokens_per_forward
+    assert short.stats.plain_forwards == 0 and short.stats.query_tokens_per_forward == 12  # b + b * b
+    assert long.stats.plain_forwards > 0  # span steps: the span alone, no blocks
     ps = prompts(5, seed=8, vocab=16) + [[1, 2, 3]]
-    for policy, span_predraft in (("all", False), ("full", False), ("full", True)):
-        c = GenerationConfig(**cfg, lookup_tokens=8, policy=policy, span_predraft=span_predraft)
+    for policy in ("all", "full"):
+        c = GenerationConfig(**cfg, lookup_tokens=8, policy=policy)
         batch = generate(model, ps, c).sequences
         assert batch == [generate(model, [q], c).sequences[0] for q in ps] == [ar(model, [q], 80)[0] for q in ps]
 
 
 def test_lookup_copies_from_the_occurrence_whose_surroundings_match_furthest_back():
-    from tidar.decode.engine import Decoder
+    from tidar.decode.drafters import DraftContext
+    from tidar.decode.drafters.lookup import LookupDrafter
 
-    model = tiny_model(seed=0, vocab_size=16)
+    def propose(hist):
+        drafter = LookupDrafter(ngram=2, max_tokens=3)
+        drafter.start([hist])
+        return drafter.propose(0, DraftContext(hist, None, 0))
+
     # the context ends in "5 1 2"; "1 2" occurred after "5" (then 7 8 ...) and, later, after "9"
-    hist = [5, 1, 2, 7, 8, 3, 4, 6, 9, 1, 2, 3, 3, 4, 6, 10, 11, 5, 1, 2]
-    drafts = {}
-    for occurrence in ("longest", "latest"):
-        dec = Decoder(model, GenerationConfig(block_size=3, lookup_ngram=2, lookup_tokens=3, lookup_occurrence=occurrence))
-        dec.history, dec.ngram_index = [list(hist)], [{}]
-        dec._index_ngrams(0, 0)
-        drafts[occurrence] = dec._continuation(0)
-    assert drafts == {"longest": ([7, 8, 3], "lookup"), "latest": ([3, 3, 4], "lookup")}
-    # occurrences with fewer than lookup_tokens after them lose to any that has them
-    for occurrence in ("longest", "latest"):
-        dec.cfg.lookup_occurrence = occurrence
-        dec.history, dec.ngram_index = [[1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 1, 2]], [{}]
-        dec._index_ngrams(0, 0)
-        assert dec._continuation(0) == ([3, 4, 5], "lookup")
-    with pytest.raises(GenerationError, match="lookup_occurrence"):
-        GenerationConfig(lookup_occurrence="first").validate()
+    draft = propose([5, 1, 2, 7, 8, 3, 4, 6, 9, 1, 2, 3, 3, 4, 6, 10, 11, 5, 1, 2])
+    assert (draft.tokens, draft.source) == ([7, 8, 3], "lookup")
+    # occurrences with fewer than max_tokens after them lose to any that has them
+    assert propose([1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 1, 2]).tokens == [3, 4, 5]
+    assert propose([1, 2, 3, 4]) is None  # "3 4" never occurred before
 
 
 def test_span_steps_skip_predraft_only_when_every_sequence_has_a_span():
-    from tidar.decode.engine import Decoder
+    from tidar.decode.step import predraft_lengths
 
-    model = tiny_model(seed=0)
-    dec = Decoder(model, GenerationConfig(block_size=3, policy="full", lookup_ngram=2, lookup_tokens=8))
-    dec.done = [False, False]
-    dec.draft_source = ["lookup", "lookup"]
-    dec.span_lengths = [9, 5]
-    assert dec.predraft_lengths(9) == ()
-    dec.span_lengths = [9, 3]  # the second sequence has a diffusion draft: it needs its blocks
-    dec.draft_source = ["lookup", "diffusion"]
-    assert dec.predraft_lengths(9) == (1, 3, 9)
-    dec.draft_source = ["lookup", "datastore"]  # ...but a short datastore draft is a span
-    assert dec.predraft_lengths(9) == ()
-    dec.draft_source = ["lookup", "diffusion"]
-    dec.done = [False, True]  # ...unless it has finished
-    assert dec.predraft_lengths(9) == ()
-    dec.span_lengths = [1, 1]  # after a step without blocks: the bonus token alone
-    dec.draft_source = ["none", "none"]
-    assert dec.predraft_lengths(1) == (1,)
-    dec.cfg.span_predraft = True
-    dec.span_lengths = [9, 9]
-    assert dec.predraft_lengths(9) == (1, 3, 9)
+    def lengths(spans, sources, done=(False, False), n_draft=9):
+        return predraft_lengths("full", 3, n_draft, spans, sources, done)
+
+    assert lengths([9, 5], ["lookup", "lookup"]) == ()
+    assert lengths([9, 3], ["lookup", "diffusion"]) == (1, 3, 9)  # a diffusion draft needs its blocks
+    assert lengths([9, 3], ["lookup", "datastore"]) == ()  # ...but a short datastore draft is a span
+    assert lengths([9, 3], ["lookup", "diffusion"], done=(False, True)) == ()  # ...unless it has finished
+    assert lengths([1, 1], ["none", "none"], n_draft=1) == (1,)  # after a step without blocks
+    assert predraft_lengths("all", 3, 3, [3], ["diffusion"], [False]) == (1, 2, 3)
 
 
 def exact_three_token_dist(model, prompt) -> torch.Tensor:
@@ -345,19 +325,16 @@ def exact_three_token_dist(model, prompt) -> torch.Tensor:
     return p12[:, :, None] * p3
 
 
-@pytest.mark.parametrize("span_predraft", [False, True])
-def test_prompt_lookup_with_sampling_keeps_distribution_with_long_spans(span_predraft):
+def test_prompt_lookup_with_sampling_keeps_distribution_with_long_spans():
     """Every 1-gram of this prompt recurs with a long continuation, so every draft is a span past
     the block: three tokens cover the step verifying the prefill's draft and the one verifying the
-    draft built after a span step (the bonus token plus a span, without blocks unless
-    span_predraft)."""
+    draft built after a span step (the bonus token plus a span, without blocks)."""
     model = tiny_model(seed=4, vocab_size=4)
     model.init_weights(std=0.12, seed=4)
     prompt = [0, 1, 2, 3] * 3
     exact = exact_three_token_dist(model, prompt)
     out = generate(model, [prompt] * 4000, GenerationConfig(
-        do_sample=True, max_new_tokens=3, seed=99, block_size=3, lookup_ngram=1, lookup_tokens=6,
-        span_predraft=span_predraft))
+        do_sample=True, max_new_tokens=3, seed=99, block_size=3, lookup_ngram=1, lookup_tokens=6))
     counts = torch.zeros(4, 4, 4)
     for s in out.sequences:
         counts[s[0], s[1], s[2]] += 1
@@ -424,7 +401,7 @@ def test_compiled_blocks_match_eager_and_stay_lossless():
 def test_draft_gate_runs_plain_steps_when_drafts_do_not_pay_and_stays_lossless():
     """min_draft_gain: once diffusion drafts commit fewer extra tokens per step than asked, steps
     feed no [MASK] rows (AR steps) and probe with a pre-draft every PROBE_EVERY steps."""
-    from tidar.decode.engine import PROBE_EVERY
+    from tidar.decode.drafters.diffusion import PROBE_EVERY
 
     model = tiny_model(seed=2)
     ps = prompts(4, seed=5)

@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_model
 from test_bench import CharTokenizer, tiny_runtime
 
+from tidar.cli.eval import main as eval_main
 from tidar.masks import causal_mask
 from tidar.measure import evaluate
 from tidar.measure.bench import Run
@@ -104,7 +105,7 @@ def test_perplexity_equals_hand_computed_cross_entropy():
 
 def test_eval_ppl_cli_on_tiny_shards(tmp_path, capsys):
     from tidar.model.weights import save_pretrained
-    from tidar.train.data import build_shards
+    from tidar.train.shards import build_shards
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -115,7 +116,7 @@ def test_eval_ppl_cli_on_tiny_shards(tmp_path, capsys):
     build_shards([str(corpus)], CharTokenizer(), tmp_path / "shards", val_fraction=0.25, progress=False)
     save_pretrained(tiny_model(seed=4), tmp_path / "model")
     out = tmp_path / "ppl.json"
-    rc = evaluate.main(["ppl", "--data", str(tmp_path / "shards"), "--model", str(tmp_path / "model"),
+    rc = eval_main(["ppl", "--data", str(tmp_path / "shards"), "--model", str(tmp_path / "model"),
                         "--seq-len", "32", "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
@@ -124,9 +125,9 @@ def test_eval_ppl_cli_on_tiny_shards(tmp_path, capsys):
 
 
 def test_eval_errors_are_one_line(tmp_path, capsys):
-    assert evaluate.main(["ppl", "--data", str(tmp_path / "nowhere")]) == 2
+    assert eval_main(["ppl", "--data", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
-    assert evaluate.main(["humaneval", "--methods", "nope"]) == 2
+    assert eval_main(["humaneval", "--methods", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
-    assert evaluate.main(["humaneval", "--limit", "0"]) == 2
+    assert eval_main(["humaneval", "--limit", "0"]) == 2

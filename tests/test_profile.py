@@ -10,7 +10,7 @@ def test_offset_acceptance_from_histogram():
 
 def test_step_tokens_per_policy():
     assert step_tokens(4, "all") == 20 and step_tokens(16, "all") == 272  # the paper's 272 at b=16
-    assert step_tokens(4, "full") == 12 and step_tokens(4, "topk", 1) == 12
+    assert step_tokens(4, "full") == 12 and step_tokens(1, "full") == 2
 
 
 def test_choice_trades_acceptance_against_step_cost():
@@ -67,7 +67,7 @@ def test_nominal_step_tokens_are_what_the_engine_feeds():
     """The chooser's and the bench report's step size (`step_tokens`) is the engine's real layout."""
     from conftest import tiny_model
 
-    from tidar.decode.engine import GenerationConfig, generate
+    from tidar.decode import GenerationConfig, generate
 
     model = tiny_model(seed=1)
     for policy in ("all", "full"):

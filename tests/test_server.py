@@ -69,6 +69,18 @@ def test_health_and_models(client):
     assert client.get("/health").json() == {"status": "ok", "model": "tiny"}
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    assert models["data"][0]["max_model_len"] == 512 and models["data"][0]["block_size"] == 4
+
+
+def test_models_reports_the_block_size_decoding_uses():
+    """The operating point's block size (the shipped model's 3), not the one the model was
+    trained with (model.config.block_size, 4 here)."""
+    rt = Runtime(tiny_model(), CharTokenizer(), {"block_size": 3}, name="/models/tiny")
+    assert rt.model.config.block_size == 4
+    with TestClient(create_app(rt)) as c:
+        reported = c.get("/v1/models").json()["data"][0]["block_size"]
+        used = c.post("/v1/completions", json={"prompt": "abc", "max_tokens": 8, "temperature": 0}).json()
+    assert reported == 3 == used["tidar"]["block_size"] == len(used["tidar"]["acceptance_histogram"])
 
 
 @pytest.mark.parametrize("mode", ["tidar", "ar"])
@@ -195,7 +207,7 @@ def test_sampling_seed(client):
 @pytest.mark.parametrize("path, body, fragment", [
     ("/v1/completions", {"max_tokens": 4}, "prompt: Field required"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
-    ("/v1/completions", {"prompt": "a", "mode": "fast"}, "mode must be 'tidar' or 'ar'"),
+    ("/v1/completions", {"prompt": "a", "mode": "fast"}, "mode must be one of tidar, ar"),
     ("/v1/completions", {"prompt": "a", "n": 2}, "n must be 1"),
     ("/v1/completions", {"prompt": "a", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "a", "block_size": 1000}, "block_size"),
@@ -263,9 +275,8 @@ def test_concurrent_requests_never_overlap_forwards(runtime):
     assert texts == [runtime.generate_text(p, greedy(runtime, 12)).text for p in ("first", "second", "third")]
 
 
-def test_learning_server_drafts_a_repeated_request_from_its_earlier_answer(monkeypatch, capsys):
-    from tidar.decode.datastore import Datastore
-    from tidar.serve import server
+def test_learning_server_drafts_a_repeated_request_from_its_earlier_answer():
+    from tidar.decode import Datastore
 
     rt = Runtime(tiny_model(), CharTokenizer(), {"block_size": 3, "datastore_tokens": 8}, name="/models/tiny",
                  datastore=Datastore([[1, 2, 3]], vocab_size=97))
@@ -277,8 +288,3 @@ def test_learning_server_drafts_a_repeated_request_from_its_earlier_answer(monke
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
     assert second["tidar"]["accepted_drafts"]["datastore"] > first["tidar"]["accepted_drafts"]["datastore"] + 10
     assert health["learned_sequences"] == 2 and health["learned_tokens"] == 2 * first["usage"]["completion_tokens"]
-    # --learn on a model without a datastore: one clear line, exit status 2
-    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, *a, **k: Runtime(tiny_model(), CharTokenizer(), name="x")))
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("served without a datastore"))
-    assert server.main(["--learn"]) == 2
-    assert "--learn needs a model with a datastore" in capsys.readouterr().err

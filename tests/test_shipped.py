@@ -25,7 +25,7 @@ def test_manifest_matches_the_weights_file():
 
 
 def test_manifest_matches_the_datastore_file():
-    from tidar.decode.datastore import DATASTORE_FILE, Datastore
+    from tidar.decode import DATASTORE_FILE, Datastore
 
     m = manifest()
     rec = m["datastore"]
@@ -59,7 +59,7 @@ def test_shipped_model_is_lossless_on_smollm2():
 def test_shipped_model_in_a_bf16_batch_equals_ar_alone():
     """A batch's ragged acceptance leaves holes in each sequence's cache; the kernels' attention
     must not round differently for them (in bfloat16, ties between the top two logits are common)."""
-    from tidar.decode.engine import generate
+    from tidar.decode import generate
     from tidar.runtime import Runtime
 
     rt = Runtime.load(None, dtype="bfloat16")
@@ -77,7 +77,9 @@ def test_demo_runs_and_checks_bf16_differences_in_float32(tmp_path):
     """`make demo`'s job end to end, short: every prompt gets a bf16 match verdict, and any prompt
     that differed in bf16 is re-run in float32, where it must match."""
     from tidar import demo
-    assert demo.main(["--max-new-tokens", "24", "--out", str(tmp_path)]) == 0
+    from tidar.cli.demo import main as demo_main
+
+    assert demo_main(["--max-new-tokens", "24", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "demo.json").read_text())
     assert [r["prompt"] for r in rows] == [p[0] for p in demo.PROMPTS]
     for r in rows:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tidar.decode.engine import GenerationConfig, generate
+from tidar.decode import GenerationConfig, generate
 from tidar.masks import causal_mask
 from tidar.model.weights import load_model, load_tokenizer, smollm2_gguf_path
 

@@ -15,10 +15,17 @@ import torch.nn.functional as F
 from conftest import tiny_config, tiny_model
 from safetensors.torch import load_file
 
+from tidar.cli.train import main as train_main
 from tidar.masks import tidar_training_mask
 from tidar.model.config import AdapterConfig
 from tidar.model.weights import load_model, save_pretrained
-from tidar.train import trainer as T
+from tidar.train import trainer
+from tidar.train.config import TrainConfig, check_config
+from tidar.train.distributed import Dist, dist_from_env
+from tidar.train.errors import TrainConfigError
+from tidar.train.objectives import ar_loss, autocast, block_diffusion_loss, noise_generator, tidar_loss
+from tidar.train.prepare import prepare
+from tidar.train.trainer import lr_at
 
 TINY = tiny_config()
 SCRATCH = "scratch:" + json.dumps({k: getattr(TINY, k) for k in (
@@ -68,12 +75,12 @@ def adapter_model(seed: int = 0) -> torch.nn.Module:
     return m
 
 
-def cfg_for(tmp: Path, shards: Path, **kw) -> T.TrainConfig:
+def cfg_for(tmp: Path, shards: Path, **kw) -> TrainConfig:
     base = dict(init=SCRATCH, mode="full", objective="tidar", data=str(shards), seq_len=16, batch_size=4,
                 block_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=6, eval_every=3, eval_batches=2,
                 save_every=0, out_dir=str(tmp / "run"), tokenizer=None, progress=False, threads=1)
     base.update(kw)
-    return T.TrainConfig.from_dict(base)
+    return TrainConfig.from_dict(base)
 
 
 def records(out_dir: str | Path) -> list[dict]:
@@ -92,12 +99,12 @@ def test_mask_inputs_never_change_clean_logits(with_adapter: bool) -> None:
     masks = torch.full_like(x, m.config.mask_token_id)
     with torch.no_grad():
         ref = m(torch.cat([x, masks], 1), pos[None], attn[None, None])[:, :16]
-        ar_ref = T.tidar_loss(m, x, 4)["ar_loss"]
+        ar_ref = tidar_loss(m, x, 4)["ar_loss"]
         # other tokens in the mask half
         other = m(torch.cat([x, torch.randint(0, 97, (2, 16))], 1), pos[None], attn[None, None])[:, :16]
         m.mask_embed.add_(torch.randn_like(m.mask_embed))
         perturbed = m(torch.cat([x, masks], 1), pos[None], attn[None, None])[:, :16]
-        ar_perturbed = T.tidar_loss(m, x, 4)["ar_loss"]
+        ar_perturbed = tidar_loss(m, x, 4)["ar_loss"]
     assert torch.equal(ref, other) and torch.equal(ref, perturbed)
     assert torch.equal(ar_ref, ar_perturbed)
 
@@ -109,8 +116,8 @@ def test_cached_clean_path_matches_single_forward(targets: str, dtype: str) -> N
     x = torch.randint(0, 97, (3, 16))
     outs, grads = [], []
     for cached in (False, True):
-        with T._autocast(torch.device("cpu"), dtype):
-            out = T.tidar_loss(m, x, 4, alpha=0.5, targets=targets, cached_clean=cached)
+        with autocast(torch.device("cpu"), dtype):
+            out = tidar_loss(m, x, 4, alpha=0.5, targets=targets, cached_clean=cached)
         out["loss"].backward()
         grads.append([p.grad.clone() for p in m.adapter_parameters()])
         m.zero_grad(set_to_none=True)
@@ -134,9 +141,9 @@ def test_tidar_loss_definition() -> None:
         diff = F.cross_entropy(mask.reshape(-1, 97), x.reshape(-1))
         self_t = clean[:, :-1].argmax(-1)
         diff_self = F.cross_entropy(mask[:, 1:].reshape(-1, 97), self_t.reshape(-1))
-        out = T.tidar_loss(m, x, 4, alpha=2.0)
-        out_self = T.tidar_loss(m, x, 4, targets="self")
-        kl = T.tidar_loss(m, x, 4, targets="self-kl")["diff_loss"]
+        out = tidar_loss(m, x, 4, alpha=2.0)
+        out_self = tidar_loss(m, x, 4, targets="self")
+        kl = tidar_loss(m, x, 4, targets="self-kl")["diff_loss"]
     torch.testing.assert_close(out["ar_loss"], ar)
     torch.testing.assert_close(out["diff_loss"], diff)
     torch.testing.assert_close(out["loss"], (2 * ar + diff) / 3)
@@ -153,7 +160,7 @@ def test_self_kl_gradient_is_the_kl_gradient() -> None:
     m = adapter_model()
     x = torch.randint(0, 97, (2, 16))
     attn, pos = tidar_training_mask(16, 4)
-    T.tidar_loss(m, x, 4, alpha=0.0, targets="self-kl")["loss"].backward(inputs=list(m.adapter_parameters()))
+    tidar_loss(m, x, 4, alpha=0.0, targets="self-kl")["loss"].backward(inputs=list(m.adapter_parameters()))
     fused = [p.grad.clone() for p in m.adapter_parameters()]
     m.zero_grad(set_to_none=True)
     logits = m(torch.cat([x, torch.full_like(x, m.config.mask_token_id)], 1), pos[None], attn[None, None])
@@ -168,9 +175,9 @@ def test_self_kl_gradient_is_the_kl_gradient() -> None:
 def test_adapter_ar_loss_equals_base_exactly() -> None:
     x = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
-        base = T.tidar_loss(tiny_model(), x, 4)
-        adapted = T.tidar_loss(adapter_model(), x, 4)
-        base_ar = T.ar_loss(tiny_model(), x)
+        base = tidar_loss(tiny_model(), x, 4)
+        adapted = tidar_loss(adapter_model(), x, 4)
+        base_ar = ar_loss(tiny_model(), x)
     assert torch.equal(base["ar_loss"], adapted["ar_loss"])
     assert torch.equal(base["ar_loss"], base_ar["ar_loss"])
     assert not torch.equal(base["diff_loss"], adapted["diff_loss"])  # the adapter does act on masks
@@ -178,7 +185,7 @@ def test_adapter_ar_loss_equals_base_exactly() -> None:
 
 def test_adapter_mode_gradients_reach_only_the_adapter() -> None:
     m = adapter_model()
-    T.tidar_loss(m, torch.randint(0, 97, (2, 16)), 4)["loss"].backward()
+    tidar_loss(m, torch.randint(0, 97, (2, 16)), 4)["loss"].backward()
     adapter = set(map(id, m.adapter_parameters()))
     for n, p in m.named_parameters():
         if id(p) in adapter:
@@ -191,9 +198,9 @@ def test_block_diffusion_loss_is_deterministic_and_masks_only_noisy() -> None:
     m = tiny_model()
     x = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
-        a = T.block_diffusion_loss(m, x, 4, T._noise_generator(0, 5, 0))
-        b = T.block_diffusion_loss(m, x, 4, T._noise_generator(0, 5, 0))
-        full = T.block_diffusion_loss(m, x, 4, full_mask=True)
+        a = block_diffusion_loss(m, x, 4, noise_generator(0, 5, 0))
+        b = block_diffusion_loss(m, x, 4, noise_generator(0, 5, 0))
+        full = block_diffusion_loss(m, x, 4, full_mask=True)
     assert torch.equal(a["loss"], b["loss"]) and full["acc_data"].shape == (4,)
 
 
@@ -206,7 +213,7 @@ def test_overfits_one_batch(mode: str) -> None:
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(40):
-        out = T.tidar_loss(m, x, 4)
+        out = tidar_loss(m, x, 4)
         out["loss"].backward()
         opt.step()
         opt.zero_grad()
@@ -215,7 +222,7 @@ def test_overfits_one_batch(mode: str) -> None:
 
 
 def test_lr_schedule() -> None:
-    lrs = [T.lr_at(s, 1.0, 0.1, 4, 20) for s in range(21)]
+    lrs = [lr_at(s, 1.0, 0.1, 4, 20) for s in range(21)]
     assert lrs[0] == 0.25 and lrs[3] == 1.0 and lrs[4] == 1.0
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
     assert abs(lrs[20] - 0.1) < 1e-12
@@ -227,7 +234,7 @@ def test_lr_schedule() -> None:
 def test_adapter_training_leaves_base_bitwise_unchanged(tmp_path: Path, shards: Path, base_dir: Path) -> None:
     cfg = cfg_for(tmp_path, shards, init=str(base_dir), mode="adapter", adapter_rank=4, adapter_alpha=8.0,
                   max_steps=4, eval_every=0, adapter_layers=[-1])
-    res = T.train(cfg)
+    res = trainer.train(cfg)
     assert res["train"]["step"] == 4
     before = load_model(base_dir).state_dict()
     after_model = load_model(Path(cfg.out_dir) / "model")  # adapter manifest -> base + adapter
@@ -250,12 +257,12 @@ def test_resume_is_exact(tmp_path: Path, shards: Path, base_dir: Path, mode: str
     if mode == "adapter":
         kw.update(init=str(base_dir), adapter_rank=4, adapter_alpha=8.0)
     straight = cfg_for(tmp_path / "a", shards, **kw)
-    T.train(straight)
+    trainer.train(straight)
     split = cfg_for(tmp_path / "b", shards, stop_after=3, **kw)
-    first = T.train(split)
+    first = trainer.train(split)
     assert first["step"] == 3 and (Path(split.out_dir) / "model").exists()  # the model so far
     split.stop_after = 0
-    second = T.train(split, resume=True)  # a fresh model, optimizer and RNG, all from the checkpoint
+    second = trainer.train(split, resume=True)  # a fresh model, optimizer and RNG, all from the checkpoint
     assert second["step"] == 6
     assert records(straight.out_dir) == records(split.out_dir)
     a = load_file(Path(straight.out_dir, "model", "adapter.safetensors" if mode == "adapter" else "model.safetensors"))
@@ -265,21 +272,21 @@ def test_resume_is_exact(tmp_path: Path, shards: Path, base_dir: Path, mode: str
 
 def test_checkpoints_are_rotated_and_resume_refuses_other_config(tmp_path: Path, shards: Path) -> None:
     cfg = cfg_for(tmp_path, shards, save_every=2, eval_every=0)
-    T.train(cfg)
+    trainer.train(cfg)
     out = Path(cfg.out_dir)
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000006"]
     assert (out / "latest").read_text().strip() == "ckpt-00000006"
     assert not list(out.glob(".*tmp*"))
-    with pytest.raises(T.TrainConfigError, match="different config.*lr"):
-        T.train(cfg_for(tmp_path, shards, save_every=2, eval_every=0, lr=1e-2))
+    with pytest.raises(TrainConfigError, match="different config.*lr"):
+        trainer.train(cfg_for(tmp_path, shards, save_every=2, eval_every=0, lr=1e-2))
 
 
 def test_metrics_and_plot(tmp_path: Path, shards: Path) -> None:
-    from tidar.measure.plots import main as plot_main
+    from tidar.cli.plot import main as plot_main
     from tidar.measure.plots import plot_metrics
 
     cfg = cfg_for(tmp_path, shards)
-    T.train(cfg)
+    trainer.train(cfg)
     recs = records(cfg.out_dir)
     train = [r for r in recs if r["kind"] == "train"]
     evals = [r for r in recs if r["kind"] == "eval"]
@@ -305,15 +312,15 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path, shards: Path, ba
         kw.update(init=str(base_dir), adapter_rank=4, adapter_alpha=8.0)
     weights = "adapter.safetensors" if mode == "adapter" else "model.safetensors"
     single = cfg_for(tmp_path / "single", shards, **kw)
-    T.train(single)
+    trainer.train(single)
     ddp_dir = tmp_path / "ddp" / "run"
     overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
                  for k, v in {**cfg_for(tmp_path / "ddp", shards, **kw).to_dict(), "batch_size": 2, "fsdp": fsdp}.items()
                  if v is not None]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "PYTHONPATH": str(Path(T.__file__).parents[1])}
+           "PYTHONPATH": str(Path(trainer.__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "tidar.train.trainer", *overrides, "tokenizer=null"],
+                           "-m", "tidar.cli", "train", *overrides, "tokenizer=null"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(Path(single.out_dir, "model", weights))
@@ -331,32 +338,32 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path, shards: Path, ba
 
 
 def test_bad_configs_fail_at_start_with_clear_messages(tmp_path: Path, shards: Path, capsys) -> None:
-    with pytest.raises(T.TrainConfigError, match="block_size \\(3\\) must divide seq_len \\(16\\)"):
-        T.prepare(cfg_for(tmp_path, shards, block_size=3))
-    with pytest.raises(T.TrainConfigError, match="data:.*index.json not found"):
-        T.prepare(cfg_for(tmp_path, tmp_path / "nope"))
-    with pytest.raises(T.TrainConfigError, match="unknown config key\\(s\\) lrr; valid keys: init, mode"):
-        T.TrainConfig.from_dict({"lrr": 1})
-    with pytest.raises(T.TrainConfigError, match="'lr': expected float"):
-        T.TrainConfig.load(None, ["lr=fast"])
-    with pytest.raises(T.TrainConfigError, match="trains nothing"):
-        T.prepare(cfg_for(tmp_path, shards, mode="adapter", objective="ar"))
-    with pytest.raises(T.TrainConfigError, match="fewer than seq_len"):
-        T.prepare(cfg_for(tmp_path, shards, seq_len=4096, block_size=4))
+    with pytest.raises(TrainConfigError, match="block_size \\(3\\) must divide seq_len \\(16\\)"):
+        prepare(cfg_for(tmp_path, shards, block_size=3))
+    with pytest.raises(TrainConfigError, match="data:.*index.json not found"):
+        prepare(cfg_for(tmp_path, tmp_path / "nope"))
+    with pytest.raises(TrainConfigError, match="unknown config key\\(s\\) lrr; valid keys: init, mode"):
+        TrainConfig.from_dict({"lrr": 1})
+    with pytest.raises(TrainConfigError, match="'lr': expected float"):
+        TrainConfig.load(None, ["lr=fast"])
+    with pytest.raises(TrainConfigError, match="trains nothing"):
+        prepare(cfg_for(tmp_path, shards, mode="adapter", objective="ar"))
+    with pytest.raises(TrainConfigError, match="fewer than seq_len"):
+        prepare(cfg_for(tmp_path, shards, seq_len=4096, block_size=4))
     # several problems are reported together
-    with pytest.raises(T.TrainConfigError, match="(?s)mode must be.*objective must be"):
-        T.prepare(cfg_for(tmp_path, shards, mode="lora", objective="mdlm"))
+    with pytest.raises(TrainConfigError, match="(?s)mode must be.*objective must be"):
+        prepare(cfg_for(tmp_path, shards, mode="lora", objective="mdlm"))
     # the CLI: one line on stderr, exit status 2, nothing trained
-    assert T.main([f"data={tmp_path / 'nope'}", f"out_dir={tmp_path / 'x'}"]) == 2
+    assert train_main([f"data={tmp_path / 'nope'}", f"out_dir={tmp_path / 'x'}"]) == 2
     assert capsys.readouterr().err.startswith("error: invalid training setup")
-    assert T.main(["--set", "bogus=1"]) == 2
+    assert train_main(["--set", "bogus=1"]) == 2
     assert "valid keys" in capsys.readouterr().err
 
 
 def test_config_file_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"lr": 1e-4, "adapter_layers": [1, 2], "max_steps": 1e3}))
-    cfg = T.TrainConfig.load(path, ["lr=5e-4", "adapter_targets=[\"q_proj\"]", "init=smollm2", "fsdp=true"])
+    cfg = TrainConfig.load(path, ["lr=5e-4", "adapter_targets=[\"q_proj\"]", "init=smollm2", "fsdp=true"])
     assert cfg.lr == 5e-4 and cfg.max_steps == 1000 and isinstance(cfg.max_steps, int)
     assert cfg.adapter_layers == [1, 2] and cfg.adapter_targets == ["q_proj"] and cfg.fsdp is True
 
@@ -364,8 +371,8 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["smollm2-adapter-b4.json", "tiny-ar.json", "tiny-tidar.json"])
 def test_shipped_configs_parse(name: str) -> None:
     path = Path(__file__).parents[1] / "configs" / name
-    cfg = T.TrainConfig.load(path)
-    assert T._check_config(cfg) == []
+    cfg = TrainConfig.load(path)
+    assert check_config(cfg) == []
 
 
 def test_export_of_a_continued_run_records_the_lineage(tmp_path: Path, shards: Path, base_dir: Path) -> None:
@@ -373,12 +380,12 @@ def test_export_of_a_continued_run_records_the_lineage(tmp_path: Path, shards: P
 
     kw = dict(mode="adapter", adapter_rank=4, adapter_alpha=8.0, max_steps=2, eval_every=0, save_every=2)
     first = cfg_for(tmp_path / "a", shards, init=str(base_dir), **kw)
-    T.train(first)
+    trainer.train(first)
     shipped = tmp_path / "shipped"
     m1 = export(Path(first.out_dir), shipped, extra={"data": {"sources": ["corpus"]}})
     assert "lineage" not in m1 and m1["tokens"] == 2 * 4 * 16
     second = cfg_for(tmp_path / "b", shards, init=str(shipped), seed=1, **kw)
-    T.train(second)
+    trainer.train(second)
     # overwrites the adapter it was initialised from
     m2 = export(Path(second.out_dir), shipped, extra={"data": {"sources": ["generated"]}})
     assert [e["tokens"] for e in m2["lineage"]] == [m1["tokens"], m2["tokens"]]
@@ -386,7 +393,7 @@ def test_export_of_a_continued_run_records_the_lineage(tmp_path: Path, shards: P
     assert m2["data"] == {"sources": ["generated"]}
     assert m2["tokens_total"] == 2 * m1["tokens"]
     # a datastore built into the shipped directory survives a re-export, with its record
-    from tidar.decode.datastore import Datastore
+    from tidar.decode import Datastore
 
     Datastore([[1, 2, 3]], vocab_size=97).save(shipped)
     (shipped / "tidar.json").write_text(json.dumps({**m2, "datastore": {"tokens": 3}}))
@@ -401,32 +408,32 @@ def test_grown_adapter_computes_the_same_and_trains_from_a_narrower_one(tmp_path
     m = adapter_model()
     x = torch.randint(0, tiny_config().vocab_size - 1, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        before = T.tidar_loss(m, x, 4)
+        before = tidar_loss(m, x, 4)
         m.grow_adapter(rank=12, alpha=6.0)  # another alpha/rank: B is rescaled
-        after = T.tidar_loss(m, x, 4)
+        after = tidar_loss(m, x, 4)
     assert m.config.adapter.rank == 12 and m.layers[0].self_attn.q_proj.lora_a.shape[0] == 12
     torch.testing.assert_close(after["diff_loss"], before["diff_loss"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="rank <= 2"):
         m.grow_adapter(rank=2, alpha=4.0)
     # the trainer widens an adapter it is initialised from when only adapter_rank grows
     kw = dict(mode="adapter", adapter_alpha=8.0, max_steps=1, eval_every=0, save_every=1)
-    T.train(cfg_for(tmp_path / "a", shards, init=str(base_dir), adapter_rank=4, **kw))
-    res = T.train(cfg_for(tmp_path / "b", shards, init=str(tmp_path / "a" / "run" / "model"), adapter_rank=8, **kw))
+    trainer.train(cfg_for(tmp_path / "a", shards, init=str(base_dir), adapter_rank=4, **kw))
+    res = trainer.train(cfg_for(tmp_path / "b", shards, init=str(tmp_path / "a" / "run" / "model"), adapter_rank=8, **kw))
     assert load_model(Path(res["out_dir"]) / "model").config.adapter.rank == 8
-    with pytest.raises(T.TrainConfigError, match="raise only adapter_rank"):
-        T.train(cfg_for(tmp_path / "c", shards, init=str(tmp_path / "a" / "run" / "model"), adapter_rank=2, **kw))
+    with pytest.raises(TrainConfigError, match="raise only adapter_rank"):
+        trainer.train(cfg_for(tmp_path / "c", shards, init=str(tmp_path / "a" / "run" / "model"), adapter_rank=2, **kw))
 
 
 def test_a_stray_rank_variable_is_refused_not_run_silently(tmp_path: Path, monkeypatch, capsys) -> None:
     # RANK is torch.distributed's; outside torchrun it would make this a non-main rank that writes nothing
     monkeypatch.setenv("RANK", "64")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert T.main([f"out_dir={tmp_path / 'x'}", "--dry-run"]) == 2
+    assert train_main([f"out_dir={tmp_path / 'x'}", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: environment RANK=64, WORLD_SIZE=1") and "unset RANK" in err
     monkeypatch.setenv("RANK", "zero")
-    assert T.main([f"out_dir={tmp_path / 'x'}", "--dry-run"]) == 2
+    assert train_main([f"out_dir={tmp_path / 'x'}", "--dry-run"]) == 2
     assert "must be integers" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert T._dist_from_env() == T._Dist(1, 2, 0)
+    assert dist_from_env() == Dist(1, 2, 0)

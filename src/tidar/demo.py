@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from tidar.runtime import Runtime
 
 PROMPTS = [
     ("code", 'def is_palindrome(s: str) -> bool:\n    """Return True if s reads the same forwards and backwards."""\n', False),
@@ -28,86 +29,77 @@ def step_cost_note(tidar: dict, ar: dict) -> str:
             f"wins only above {ratio:.2f} tokens/forward")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tidar-demo")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--out", default="out/demo")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the decoder blocks (default: the model's operating point)")
-    parser.add_argument("--exact-check", action=argparse.BooleanOptionalAction, default=True,
-                        help="re-run prompts whose bfloat16 outputs differed in float32, where rounding ties "
-                             "cannot hide a real difference")
-    args = parser.parse_args(argv)
-    from tidar.model.weights import WeightsError
-    from tidar.runtime import Runtime
-
-    try:
-        t = time.perf_counter()
-        rt = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)
-    except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    op = rt.operating_point
-    how = f"{args.dtype}{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads"
+def run_demo(model: str | None = None, dtype: str = "bfloat16", max_new_tokens: int = 96,
+             out_dir: str | Path = "out/demo", compile: bool | None = None, exact_check: bool = True) -> list[dict]:
+    """Each of PROMPTS decoded by TiDAR (streamed) and AR, with the measured speed ratio; rows go to
+    out_dir/demo.json and out_dir/demo.png. With `exact_check`, prompts whose outputs differed in a
+    lower precision are decoded again in float32, where rounding ties cannot hide a real difference."""
+    t = time.perf_counter()
+    rt = Runtime.load(model, dtype=dtype, compile=compile)
+    how = f"{dtype}{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads"
     print(f"model: {rt.name} ({how}, loaded in {time.perf_counter() - t:.1f}s)")
-    if not op:
+    if not rt.operating_point:
         print("note: no trained TiDAR drafter found; using the base model's untrained [MASK] drafts "
               "(output is still identical to AR, but few drafts are accepted)")
-    rows = []
     # warm-up so the first timed prompt does not pay for allocator and kernel start-up
     rt.generate_text("Hello", rt.generation_config(max_new_tokens=8))
     rt.generate_text("Hello", rt.generation_config(mode="ar", max_new_tokens=8))
-    for name, prompt, chat in PROMPTS:
-        print(f"\n=== {name} prompt ===\n{prompt}")
-        print("--- TiDAR (streamed as committed) ---")
-        ti = rt.generate_text(prompt, rt.generation_config(max_new_tokens=args.max_new_tokens), chat=chat,
-                              stream=sys.stdout)
-        ar = rt.generate_text(prompt, rt.generation_config(mode="ar", max_new_tokens=args.max_new_tokens), chat=chat)
-        print("\n--- AR ---")
-        print(ar.text)
-        same = ti.tokens == ar.tokens
-        note = ""
-        if not same:
-            from tidar.measure.bench import ar_top2_margin, first_difference
-
-            k = first_difference(ar.tokens, ti.tokens)
-            margin = ar_top2_margin(rt.model, rt.encode(prompt, chat), ar.tokens[:k])
-            check = ("float32 check below" if args.exact_check and args.dtype != "float32"
-                     else "in float32 TiDAR matched AR on every benchmarked prompt")
-            note = (f" (first difference at token {k}, where AR's top-2 logits differ by only {margin:.3f}: a "
-                    f"near-tie that {args.dtype} rounding flips between a multi-token and a one-token forward; "
-                    f"{check})")
-        speedup = ti.stats["tokens_per_s"] / ar.stats["tokens_per_s"] if ar.stats["tokens_per_s"] else 0.0
-        print(f"--- identical to AR: {same}{note}\n--- TiDAR {ti.stats['tokens_per_forward']:.2f} tokens/forward, "
-              f"{ti.stats['tokens_per_s']:.1f} tok/s vs AR {ar.stats['tokens_per_s']:.1f} tok/s: {speedup:.2f}x")
-        print(f"--- {step_cost_note(ti.stats, ar.stats)}")
-        src = ti.stats.get("accepted_drafts") or {}
-        print(f"--- draft tokens accepted: {src.get('diffusion', 0)} from the diffusion block, "
-              f"{src.get('lookup', 0)} from prompt lookup, {src.get('datastore', 0)} from the datastore")
-        rows.append({"prompt": name, "matches_ar": same, "tidar": ti.stats, "ar": ar.stats, "speedup_vs_ar": speedup})
+    check = exact_check and dtype != "float32"
+    rows = [_compare(rt, name, prompt, chat, max_new_tokens, dtype, check) for name, prompt, chat in PROMPTS]
     differed = [i for i, r in enumerate(rows) if not r["matches_ar"]]
-    if args.exact_check and differed and args.dtype != "float32":
-        print(f"\n=== exactness check: the {len(differed)} prompt(s) whose {args.dtype} outputs differed, in float32 ===")
-        rt32 = Runtime.load(args.model, dtype="float32", compile=False)
-        for i in differed:
-            name, prompt, chat = PROMPTS[i]
-            ti = rt32.generate_text(prompt, rt32.generation_config(max_new_tokens=args.max_new_tokens), chat=chat)
-            ar = rt32.generate_text(prompt, rt32.generation_config(mode="ar", max_new_tokens=args.max_new_tokens),
-                                    chat=chat)
-            rows[i]["matches_ar_float32"] = ti.tokens == ar.tokens
-            print(f"--- {name}: TiDAR identical to AR in float32: {ti.tokens == ar.tokens} "
-                  f"({ti.stats['tokens_per_forward']:.2f} tokens/forward)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
+    if check and differed:
+        _float32_check(model, rows, differed, dtype, max_new_tokens)
+    _write(rows, Path(out_dir))
+    return rows
+
+
+def _compare(rt: Runtime, name: str, prompt: str, chat: bool, max_new_tokens: int, dtype: str,
+             checked_later: bool) -> dict:
+    print(f"\n=== {name} prompt ===\n{prompt}")
+    print("--- TiDAR (streamed as committed) ---")
+    ti = rt.generate_text(prompt, rt.generation_config(max_new_tokens=max_new_tokens), chat=chat, stream=sys.stdout)
+    ar = rt.generate_text(prompt, rt.generation_config(mode="ar", max_new_tokens=max_new_tokens), chat=chat)
+    print("\n--- AR ---")
+    print(ar.text)
+    same = ti.tokens == ar.tokens
+    note = "" if same else _difference_note(rt, prompt, chat, ar.tokens, ti.tokens, dtype, checked_later)
+    speedup = ti.stats["tokens_per_s"] / ar.stats["tokens_per_s"] if ar.stats["tokens_per_s"] else 0.0
+    print(f"--- identical to AR: {same}{note}\n--- TiDAR {ti.stats['tokens_per_forward']:.2f} tokens/forward, "
+          f"{ti.stats['tokens_per_s']:.1f} tok/s vs AR {ar.stats['tokens_per_s']:.1f} tok/s: {speedup:.2f}x")
+    print(f"--- {step_cost_note(ti.stats, ar.stats)}")
+    src = ti.stats.get("accepted_drafts") or {}
+    print(f"--- draft tokens accepted: {src.get('diffusion', 0)} from the diffusion block, "
+          f"{src.get('lookup', 0)} from prompt lookup, {src.get('datastore', 0)} from the datastore")
+    return {"prompt": name, "matches_ar": same, "tidar": ti.stats, "ar": ar.stats, "speedup_vs_ar": speedup}
+
+
+def _difference_note(rt: Runtime, prompt: str, chat: bool, ar: list[int], tidar: list[int], dtype: str,
+                     checked_later: bool) -> str:
+    from tidar.measure.bench import ar_top2_margin, first_difference
+
+    k = first_difference(ar, tidar)
+    margin = ar_top2_margin(rt.model, rt.encode(prompt, chat), ar[:k])
+    check = "float32 check below" if checked_later else "in float32 TiDAR matched AR on every benchmarked prompt"
+    return (f" (first difference at token {k}, where AR's top-2 logits differ by only {margin:.3f}: a "
+            f"near-tie that {dtype} rounding flips between a multi-token and a one-token forward; {check})")
+
+
+def _float32_check(model: str | None, rows: list[dict], differed: list[int], dtype: str, max_new_tokens: int) -> None:
+    print(f"\n=== exactness check: the {len(differed)} prompt(s) whose {dtype} outputs differed, in float32 ===")
+    rt32 = Runtime.load(model, dtype="float32", compile=False)
+    for i in differed:
+        name, prompt, chat = PROMPTS[i]
+        ti = rt32.generate_text(prompt, rt32.generation_config(max_new_tokens=max_new_tokens), chat=chat)
+        ar = rt32.generate_text(prompt, rt32.generation_config(mode="ar", max_new_tokens=max_new_tokens), chat=chat)
+        rows[i]["matches_ar_float32"] = ti.tokens == ar.tokens
+        print(f"--- {name}: TiDAR identical to AR in float32: {ti.tokens == ar.tokens} "
+              f"({ti.stats['tokens_per_forward']:.2f} tokens/forward)")
+
+
+def _write(rows: list[dict], out: Path) -> None:
     from tidar.measure.plots import plot_demo
 
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\nplots written to {plot_demo(rows, out / 'demo.png')}")
     print(f"results written to {out / 'demo.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

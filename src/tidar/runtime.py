@@ -9,16 +9,44 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-from tidar.decode.datastore import DATASTORE_FILE, Datastore
-from tidar.decode.engine import GenerationConfig, GenerationError, TextStreamer, generate
+from tidar.decode import DATASTORE_FILE, Datastore, GenerationConfig, GenerationError, TextStreamer, generate
+from tidar.decode.options import check_option, options
 from tidar.model.transformer import Transformer
-from tidar.model.weights import MANIFEST_FILE, chat_ids, load_model, load_tokenizer, resolve_model_path
+from tidar.model.weights import MANIFEST_FILE, WeightsError, chat_ids, load_model, load_tokenizer, resolve_model_path
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TUNED = frozenset(f.name for f in options("tuned"))  # decoding options a model's operating point may set
+RUNTIME_KEYS = frozenset({"dtype", "compile"})  # the operating point's keys that are not decoding options
+
+
+def operating_point(path: Path) -> dict[str, Any]:
+    """The `operating_point` of a model directory's manifest ({} without one). Keys ending in
+    `chosen_by` are notes; any other key that is neither a tuned decoding option nor a runtime
+    setting is an error, so a removed option cannot linger in a manifest unnoticed."""
+    manifest = path / MANIFEST_FILE
+    if not manifest.exists():
+        return {}
+    op = json.loads(manifest.read_text()).get("operating_point", {})
+    check_operating_point(op, str(manifest))
+    return op
+
+
+def check_operating_point(op: dict[str, Any], where: str) -> None:
+    """Raise WeightsError unless every key of `op` is a tuned decoding option with a valid value, a
+    runtime setting, or a note."""
+    unknown = [k for k in op if k not in TUNED | RUNTIME_KEYS and not k.endswith("chosen_by")]
+    if unknown:
+        raise WeightsError(f"{where}: unknown operating-point keys {unknown}; known: {sorted(TUNED | RUNTIME_KEYS)}")
+    for k in TUNED & set(op):
+        try:
+            check_option(k, op[k])
+        except GenerationError as e:
+            raise WeightsError(f"{where}: operating point: {e}") from None
 
 
 @dataclass
@@ -50,10 +78,7 @@ class Runtime:
         path = resolve_model_path(name)
         model = load_model(path, dtype=DTYPE[dtype]).fuse_for_inference()
         tokenizer = load_tokenizer(path)
-        op: dict[str, Any] = {}
-        manifest = path / MANIFEST_FILE
-        if manifest.exists():
-            op = json.loads(manifest.read_text()).get("operating_point", {})
+        op = operating_point(path)
         datastore = Datastore.load(path) if (path / DATASTORE_FILE).exists() else None
         rt = cls(model, tokenizer, op, name=str(path), datastore=datastore)
         if compile if compile is not None else op.get("compile", False):
@@ -94,33 +119,20 @@ class Runtime:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
 
-    def generation_config(self, args: Any = None, **overrides: Any) -> GenerationConfig:
-        """Defaults: the model's operating point, then CLI args / overrides on top."""
-        kw: dict[str, Any] = {"block_size": self.operating_point.get("block_size"),
-                              "policy": self.operating_point.get("policy", "all"),
-                              "policy_k": self.operating_point.get("policy_k", 2),
-                              "lookup_ngram": self.operating_point.get("lookup_ngram", 0),
-                              "lookup_tokens": self.operating_point.get("lookup_tokens", 0),
-                              "lookup_occurrence": self.operating_point.get("lookup_occurrence",
-                                                                             GenerationConfig.lookup_occurrence),
-                              "span_predraft": self.operating_point.get("span_predraft", False),
-                              "min_draft_gain": self.operating_point.get("min_draft_gain", 0.0),
-                              "datastore_tokens": self.operating_point.get("datastore_tokens", 0) if self.datastore is not None else 0,
-                              "datastore_confidence": self.operating_point.get("datastore_confidence", 0.0),
-                              "max_draft_batch": self.operating_point.get("max_draft_batch", 0)}
-        if args is not None:
-            for k in ("mode", "max_new_tokens", "block_size", "policy", "policy_k", "beta", "lookup_ngram", "lookup_tokens",
-                      "lookup_occurrence", "min_draft_gain", "datastore_tokens", "datastore_confidence", "max_draft_batch", "do_sample",
-                      "temperature", "top_k", "top_p", "seed"):
-                v = getattr(args, k, None)
-                if v is not None:
-                    kw[k] = v
+    def generation_config(self, **overrides: Any) -> GenerationConfig:
+        """The model's operating point, with `overrides` (those not None) on top, validated."""
+        kw = {k: v for k, v in self.operating_point.items() if k in TUNED}
+        if self.datastore is None:
+            kw.pop("datastore_tokens", None)
         kw.update({k: v for k, v in overrides.items() if v is not None})
         kw["eos_token_id"] = kw.get("eos_token_id") or self.eos_ids
-        cfg = GenerationConfig(**kw)
+        try:
+            cfg = GenerationConfig(**kw)
+        except TypeError as e:  # an unknown keyword
+            raise GenerationError(f"unknown generation option: {e}") from None
         cfg.validate()
         if cfg.datastore_tokens and self.datastore is None:
-            raise GenerationError(f"--datastore-tokens {cfg.datastore_tokens}: the model {self.name} has no "
+            raise GenerationError(f"datastore_tokens {cfg.datastore_tokens}: the model {self.name} has no "
                                   f"{DATASTORE_FILE}; use 0, or build one with `tidar datastore build`")
         return cfg
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 class CLIError(Exception):
@@ -73,7 +73,7 @@ def setup_torch(threads: int | None) -> None:
 def run_reporting_errors(body: Callable[[], int], *user_errors: type[BaseException]) -> int:
     """Run a command body: a user error (bad input, missing weights, ...) prints one line and gives
     exit code 2 instead of a traceback; Ctrl-C gives 130."""
-    from tidar.decode.engine import GenerationError
+    from tidar.decode import GenerationError
     from tidar.model.weights import WeightsError
 
     try:
@@ -91,3 +91,51 @@ def parse_or_exit_code(parser: argparse.ArgumentParser, argv: list[str] | None) 
         return parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+
+
+def add_generation_args(p: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """One flag per decoding option (`tidar.decode.options`: its help text, type, choices and
+    validation), or per option in `names`. Every flag defaults to None: the model's operating point
+    (or the option's default) decides unless the flag is given."""
+    from tidar.decode.options import option_type, options
+
+    for f in options("flag"):
+        if names is not None and f.name not in names:
+            continue
+        m, kind = f.metadata, option_type(f.name)
+        default = "the model's operating point" if m["tuned"] else f.default
+        help_ = m["help"] if "default:" in m["help"] or f.default is None else f"{m['help']} (default: {default})"
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=help_)
+            continue
+        metavar = "{" + ",".join(m["choices"]) + "}" if m["choices"] else {int: "N", float: "X"}.get(kind, "VALUE")
+        p.add_argument(flag, type=_option_value(f.name), default=None, help=help_, metavar=metavar)
+
+
+def _option_value(name: str) -> Callable[[str], object]:
+    """An argparse type: the text as the option's type, validated as GenerationConfig does."""
+    from tidar.decode.options import GenerationError, check_option, option_type
+
+    def parse(text: str) -> object:
+        want = option_type(name)
+        try:
+            value = want(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want.__name__}, got {text!r}") from None
+        try:
+            check_option(name, value)
+        except GenerationError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{name} ")) from None
+        return value
+
+    return parse
+
+
+def generation_overrides(args: argparse.Namespace, names: Sequence[str] | None = None) -> dict[str, object]:
+    """The decoding options given on the command line by `add_generation_args` (with the same
+    `names`), by option name."""
+    from tidar.decode.options import options
+
+    return {f.name: getattr(args, f.name) for f in options("flag")
+            if (names is None or f.name in names) and getattr(args, f.name, None) is not None}

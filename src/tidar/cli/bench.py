@@ -1,3 +1,112 @@
-"""TEMPORARY shim during the restructure: the parser still lives in tidar.measure.bench."""
+"""`tidar bench`: decoding methods side by side on the same prompts, in one process."""
 
-from tidar.measure.bench import main  # noqa: F401
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tidar.cli.args import (
+    Parser,
+    add_generation_args,
+    dtype_arg,
+    generation_overrides,
+    parse_or_exit_code,
+    positive_int,
+    run_reporting_errors,
+)
+from tidar.decode.options import options
+from tidar.measure.bench import (
+    METHODS,
+    SOURCES,
+    BenchError,
+    BenchOptions,
+    benchmark,
+    check_options,
+    format_table,
+    load_prompts,
+    parse_methods,
+    validate_methods,
+)
+from tidar.measure.plots import plot_bench
+
+# the engine options a benchmark varies: the operating point's, and beta
+ENGINE_FLAGS = [f.name for f in options("tuned")] + ["beta"]
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by `tidar bench` and `tidar eval humaneval`."""
+    p.add_argument("--model", default=None, help="model directory, or 'smollm2' (default: the shipped TiDAR model)")
+    p.add_argument("--dtype", type=dtype_arg, default="bfloat16", help="float32 | bfloat16 (default)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch and llama.cpp threads (default: all)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoder blocks for ar/tidar/diffusion/spec (default: the model's operating point)")
+    g = p.add_argument_group("the tidar methods' decoding options")
+    add_generation_args(g, ENGINE_FLAGS)
+    p.add_argument("--draft-model", default=None, help="spec: draft model directory")
+    p.add_argument("--draft-layers", type=positive_int, default=None,
+                   help="spec: use the target's first N layers as the draft (when no --draft-model)")
+    p.add_argument("--gamma", type=positive_int, default=4, help="spec: draft tokens per step (default 4)")
+    p.add_argument("--threshold", type=float, default=0.9, help="diffusion: confidence threshold (default 0.9)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up generations per method (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    return BenchOptions(model=args.model, dtype=args.dtype, threads=args.threads, compile=args.compile,
+                        engine=generation_overrides(args, ENGINE_FLAGS), draft_model=args.draft_model,
+                        draft_layers=args.draft_layers, threshold=args.threshold, gamma=args.gamma, warmup=args.warmup)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="tidar bench", description="Decoding methods side by side: tokens/s, tokens/forward, "
+                                                "and whether greedy output equals AR's.")
+    p.add_argument("--prompts", required=True, help="humaneval | prose | a .jsonl file of {\"prompt\", \"chat\"?}")
+    p.add_argument("--methods", default="ar,tidar", help=f"comma-separated, from: {', '.join(METHODS)}")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="per prompt (default 128)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first K prompts (prose default: 20)")
+    p.add_argument("--data", default=None, help="shard directory whose val split gives the prose prompts")
+    add_method_args(p)
+    p.add_argument("--json", default=None, help="write the report to this file")
+    p.add_argument("--plots", default=None, help="write PNG plots to this directory")
+    p.add_argument("--profile", default=None, help="a `tidar profile --json` file to plot with the operating point")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = parse_methods(args.methods)
+    opts = options_from_args(args)
+    check_options(opts)
+    validate_methods(methods, opts)
+    if args.data is not None and args.prompts != "prose":
+        raise BenchError("--data only applies to --prompts prose")
+    if args.profile is not None and not Path(args.profile).is_file():
+        raise BenchError(f"--profile {args.profile} does not exist (write one with `tidar profile --json FILE`)")
+    prompts = load_prompts(args.prompts, args.limit, args.data)
+    source = args.prompts if args.prompts in SOURCES else str(Path(args.prompts))
+    report, rt = benchmark(opts, prompts, methods, args.max_new_tokens, source, progress=not args.no_progress)
+    path = " | tidar.kernels" if rt.model.kernels_on else " | PyTorch engine path"
+    print(f"{rt.name} | {args.dtype}{' compiled' if rt.compiled else ''}{path} | {report['threads']} threads | "
+          f"{len(prompts)} prompts from {source} | max {args.max_new_tokens} new tokens")
+    print(format_table(report["methods"]))
+    other_cpu = report["machine"]["other_cpu_share"]
+    if other_cpu is not None and other_cpu > 0.1:
+        print(f"note: other processes used {other_cpu:.0%} of the machine's CPU during the run: "
+              "these timings are a smoke test only")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plots:
+        profile = json.loads(Path(args.profile).read_text()) if args.profile else None
+        for png in plot_bench(report, args.plots, profile=profile):
+            print(f"wrote {png}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_or_exit_code(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    return run_reporting_errors(lambda: run(args), BenchError)

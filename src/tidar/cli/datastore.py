@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tidar.cli.args import Parser, int_list, parse_or_exit_code, run_reporting_errors
-from tidar.decode.datastore import ORDERS, Datastore, DatastoreError
+from tidar.decode import Datastore, DatastoreError
+from tidar.decode.drafters.datastore import ORDERS
 from tidar.model.weights import resolve_model_path
-from tidar.train.data import DataError, build_datastore
+from tidar.train.errors import DataError
+from tidar.train.selfgen import build_datastore
 
 
 def build_parser() -> Parser:

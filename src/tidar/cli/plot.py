@@ -1,3 +1,29 @@
-"""TEMPORARY shim during the restructure: the parser still lives in tidar.measure.plots."""
+"""`tidar plot RUN_DIR... [--out file.png]`: training metrics of one or more runs in one figure."""
 
-from tidar.measure.plots import main  # noqa: F401
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from tidar.cli.args import Parser, parse_or_exit_code, run_reporting_errors
+from tidar.measure.plots import MetricsError, plot_metrics
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="tidar plot", description="plot training metrics of one or more runs in one figure")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directories made by `tidar train` (or their metrics.jsonl files)")
+    p.add_argument("--out", default=None, help="PNG path (default: metrics.png in the first run's directory)")
+    return p
+
+
+def plot(args: argparse.Namespace) -> int:
+    print(f"wrote {plot_metrics(args.runs, args.out)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_or_exit_code(build_parser(), None if argv is None else list(argv))
+    if isinstance(args, int):
+        return args
+    return run_reporting_errors(lambda: plot(args), FileNotFoundError, MetricsError)

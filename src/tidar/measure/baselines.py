@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from tidar.decode.engine import GenerationConfig, GenerationError, GenerationOutput, GenerationStats, sample, speculative_accept, warp
+from tidar.decode import GenerationConfig, GenerationError, GenerationOutput, GenerationStats
+from tidar.decode.accept import speculative_accept
+from tidar.decode.sampling import sample, warp
 from tidar.masks import causal_mask, with_prefix
 from tidar.model.transformer import KVCache, Transformer
 
@@ -62,7 +64,6 @@ def diffusion_generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg
     eos = set(cfg.eos_token_id or model.config.eos_ids)
     stats = GenerationStats(acceptance_histogram=[0] * b)
     outputs = []
-    m = model.config.mask_token_id
     t_start = time.perf_counter()
     for prompt in prompts:
         cache = KVCache(model.config, 1, len(prompt) + cfg.max_new_tokens + 3 * b, dtype)
@@ -70,44 +71,43 @@ def diffusion_generate(model: Transformer, prompts: Sequence[Sequence[int]], cfg
         emit = _Emitter(cfg, eos, stats)
         pending: list[int] = []  # the previous block, decoded but not yet in the cache
         while not emit.done:
-            S = cache.length
-            block = torch.full((b,), m)
-            decided = torch.zeros(b, dtype=torch.bool)
-            first = True
-            while not decided.all():
-                n_clean = len(pending) if first else 0
-                ids = torch.tensor(pending[:n_clean] + block.tolist())[None]
-                T = n_clean + b
-                new = torch.zeros(T, T, dtype=torch.bool)
-                new[:n_clean, :n_clean] = causal_mask(n_clean)
-                new[n_clean:, :] = True
-                pos = torch.arange(S, S + T)[None]
-                h = model(ids, pos, with_prefix(new, cache.valid[:, :S]), cache=cache, offset=S, return_hidden=True)
-                stats.forwards += 1
-                if n_clean:
-                    cache.valid[:, S:S + n_clean] = True
-                    cache.truncate(S + n_clean)
-                    S += n_clean
-                    pending = []
-                else:
-                    cache.truncate(S)
-                first = False
-                probs = _logits(model, h[0, n_clean:]).softmax(-1)
-                conf, tok = probs.max(-1)
-                conf = conf.masked_fill(decided, -1.0)
-                pick = (conf >= threshold) & ~decided
-                if not pick.any():
-                    pick[conf.argmax()] = True
-                block[pick] = tok[pick]
-                decided |= pick
-                stats.acceptance_histogram[int(pick.sum()) - 1] += 1
-            emit(block.tolist())
-            pending = block.tolist()
+            pending = _denoise_block(model, cache, pending, b, threshold, stats)
+            emit(pending)
         outputs.append(emit.tokens)
     stats.total_s = time.perf_counter() - t_start
     stats.step_tokens = stats.generated_tokens
     stats.sequence_steps = stats.forwards
     return GenerationOutput(outputs, stats)
+
+
+def _denoise_block(model: Transformer, cache: KVCache, pending: list[int], b: int, threshold: float,
+                   stats: GenerationStats) -> list[int]:
+    """Decode one block of b tokens; the first forward also commits `pending` (causally)."""
+    m = model.config.mask_token_id
+    block = torch.full((b,), m)
+    decided = torch.zeros(b, dtype=torch.bool)
+    while not decided.all():
+        S, n_clean = cache.length, len(pending)
+        ids = torch.tensor(pending + block.tolist())[None]
+        T = n_clean + b
+        new = torch.zeros(T, T, dtype=torch.bool)
+        new[:n_clean, :n_clean] = causal_mask(n_clean)
+        new[n_clean:, :] = True
+        h = model(ids, torch.arange(S, S + T)[None], with_prefix(new, cache.valid[:, :S]), cache=cache, offset=S,
+                  return_hidden=True)
+        stats.forwards += 1
+        cache.valid[:, S:S + n_clean] = True
+        cache.truncate(S + n_clean)
+        pending = []
+        conf, tok = _logits(model, h[0, n_clean:]).softmax(-1).max(-1)
+        conf = conf.masked_fill(decided, -1.0)
+        pick = (conf >= threshold) & ~decided
+        if not pick.any():
+            pick[conf.argmax()] = True
+        block[pick] = tok[pick]
+        decided |= pick
+        stats.acceptance_histogram[int(pick.sum()) - 1] += 1
+    return block.tolist()
 
 
 def truncated_draft(model: Transformer, n_layers: int) -> Transformer:
@@ -134,7 +134,6 @@ def spec_generate(target: Transformer, draft: Transformer, prompts: Sequence[Seq
         raise GenerationError(f"gamma must be >= 1, got {gamma}")
     if draft.config.vocab_size != target.config.vocab_size:
         raise GenerationError("the draft model must share the target's vocabulary")
-    dtype = next(target.parameters()).dtype
     eos = set(cfg.eos_token_id or target.config.eos_ids)
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     stats = GenerationStats(acceptance_histogram=[0] * (gamma + 1))
@@ -144,55 +143,67 @@ def spec_generate(target: Transformer, draft: Transformer, prompts: Sequence[Seq
             return warp(logits, cfg.temperature, cfg.top_k, cfg.top_p)
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
 
-    outputs = []
     t_start = time.perf_counter()
-    for prompt in prompts:
-        size = len(prompt) + cfg.max_new_tokens + 2 * gamma + 2
-        tc, dc = KVCache(target.config, 1, size, dtype), KVCache(draft.config, 1, size, dtype)
-        h = _prefill(target, prompt, tc)
-        _prefill(draft, prompt, dc)
-        emit = _Emitter(cfg, eos, stats)
-        last = sample(dist(_logits(target, h[:, -1])), gen)  # (1,)
-        emit([int(last)])
-        n = len(prompt)  # committed tokens in the target cache; `last` is not yet in it
-        pending = [int(last)]  # committed tokens the draft cache has not seen yet
-        while not emit.done:
-            # draft gamma tokens autoregressively, first catching the draft cache up on `pending`
-            proposal, qs = [], []
-            inp = torch.tensor([pending])
-            for _ in range(gamma):
-                S, k = dc.length, inp.shape[1]
-                hd = draft(inp, torch.arange(S, S + k)[None], with_prefix(causal_mask(k), dc.valid[:, :S]), cache=dc,
-                           offset=S, return_hidden=True)
-                dc.valid[:, S:S + k] = True
-                dc.truncate(S + k)
-                q = dist(_logits(draft, hd[:, -1]))
-                tok = sample(q, gen)
-                proposal.append(int(tok))
-                qs.append(q[0])
-                inp = tok[None]
-            # verify [last, d_1..d_gamma] in one target forward
-            ids = torch.tensor([[int(last)] + proposal])
-            T = gamma + 1
-            ht = target(ids, torch.arange(n, n + T)[None], with_prefix(causal_mask(T), tc.valid[:, :n]), cache=tc,
-                        offset=n, return_hidden=True)
-            stats.forwards += 1
-            p = dist(_logits(target, ht[0]))[None]  # (1, T, V)
-            q = torch.stack([qs[0]] + qs)[None]  # row 0 unused: `last` is already committed
-            a, bonus = speculative_accept(ids, p, q, gen)
-            a = int(a)
-            tc.valid[:, n:n + T] = False
-            tc.valid[:, n:n + a] = True
-            tc.truncate(n + a)
-            # the draft cache holds last, d_1..d_{gamma-1}: keep the committed part of it
-            dc.truncate(min(n + a, dc.length))
-            pending = ([proposal[-1]] if a == T else []) + [int(bonus)]
-            n += a
-            stats.acceptance_histogram[a - 1] += 1
-            emit(proposal[: a - 1] + [int(bonus)])
-            last = bonus
-        outputs.append(emit.tokens)
+    outputs = [_speculate(target, draft, prompt, cfg, gamma, dist, gen, _Emitter(cfg, eos, stats)) for prompt in prompts]
     stats.total_s = time.perf_counter() - t_start
     stats.step_tokens = stats.generated_tokens - len(prompts)
     stats.sequence_steps = stats.forwards
     return GenerationOutput(outputs, stats)
+
+
+def _speculate(target: Transformer, draft: Transformer, prompt: Sequence[int], cfg: GenerationConfig, gamma: int,
+               dist: Callable[[torch.Tensor], torch.Tensor], gen: torch.Generator | None, emit: _Emitter) -> list[int]:
+    """One prompt: draft gamma tokens, verify them in one target forward, commit, repeat."""
+    dtype = next(target.parameters()).dtype
+    size = len(prompt) + cfg.max_new_tokens + 2 * gamma + 2
+    tc, dc = KVCache(target.config, 1, size, dtype), KVCache(draft.config, 1, size, dtype)
+    h = _prefill(target, prompt, tc)
+    _prefill(draft, prompt, dc)
+    last = sample(dist(_logits(target, h[:, -1])), gen)  # (1,)
+    emit([int(last)])
+    n = len(prompt)  # committed tokens in the target cache; `last` is not yet in it
+    pending = [int(last)]  # committed tokens the draft cache has not seen yet
+    while not emit.done:
+        proposal, qs = _draft_tokens(draft, dc, pending, gamma, dist, gen)
+        # verify [last, d_1..d_gamma] in one target forward
+        ids = torch.tensor([[int(last)] + proposal])
+        T = gamma + 1
+        ht = target(ids, torch.arange(n, n + T)[None], with_prefix(causal_mask(T), tc.valid[:, :n]), cache=tc,
+                    offset=n, return_hidden=True)
+        emit.stats.forwards += 1
+        p = dist(_logits(target, ht[0]))[None]  # (1, T, V)
+        q = torch.stack([qs[0]] + qs)[None]  # row 0 unused: `last` is already committed
+        a, bonus = speculative_accept(ids, p, q, gen)
+        a = int(a)
+        tc.valid[:, n:n + T] = False
+        tc.valid[:, n:n + a] = True
+        tc.truncate(n + a)
+        # the draft cache holds last, d_1..d_{gamma-1}: keep the committed part of it
+        dc.truncate(min(n + a, dc.length))
+        pending = ([proposal[-1]] if a == T else []) + [int(bonus)]
+        n += a
+        emit.stats.acceptance_histogram[a - 1] += 1
+        emit(proposal[: a - 1] + [int(bonus)])
+        last = bonus
+    return emit.tokens
+
+
+def _draft_tokens(draft: Transformer, dc: KVCache, pending: list[int], gamma: int,
+                  dist: Callable[[torch.Tensor], torch.Tensor], gen: torch.Generator | None
+                  ) -> tuple[list[int], list[torch.Tensor]]:
+    """gamma tokens from the draft model, one by one, first catching its cache up on `pending`;
+    and the distribution each was drawn from."""
+    proposal, qs = [], []
+    inp = torch.tensor([pending])
+    for _ in range(gamma):
+        S, k = dc.length, inp.shape[1]
+        hd = draft(inp, torch.arange(S, S + k)[None], with_prefix(causal_mask(k), dc.valid[:, :S]), cache=dc,
+                   offset=S, return_hidden=True)
+        dc.valid[:, S:S + k] = True
+        dc.truncate(S + k)
+        q = dist(_logits(draft, hd[:, -1]))
+        tok = sample(q, gen)
+        proposal.append(int(tok))
+        qs.append(q[0])
+        inp = tok[None]
+    return proposal, qs

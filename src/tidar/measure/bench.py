@@ -13,9 +13,7 @@ two logits were there (a near-tie explains a bfloat16 rounding difference; a wid
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
-import importlib
 import importlib.util
 import json
 import os
@@ -28,10 +26,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from tidar.decode import TextStreamer, generate
+from tidar.masks import causal_mask
+from tidar.measure import baselines
+from tidar.measure.profile import step_tokens
+from tidar.model.weights import (
+    ADAPTER_FILE,
+    DEFAULT_BASE,
+    MANIFEST_FILE,
+    WeightsError,
+    load_model,
+    resolve_model_path,
+    smollm2_gguf_path,
+)
+from tidar.runtime import DTYPE, Runtime
+from tidar.train.corpora import held_out_documents
+from tidar.train.errors import DataError
+from tidar.train.loader import TokenShards
+
 METHODS = ("ar", "tidar", "tidar-no-datastore", "tidar-learn", "diffusion", "spec", "hf", "hf-lookup", "llamacpp", "llamacpp-lookup")
 ENGINE_METHODS = ("ar", "tidar")
 SOURCES = ("humaneval", "prose")
-LOOKUP_TOKENS = 10
+LOOKUP_TOKENS = 10  # hf-lookup / llamacpp-lookup: candidate tokens per step
 WARMUP_TOKENS = 32  # enough to touch every code path (prefill, steps, cache growth) without doubling the run
 PROSE_WORDS = 80
 PROSE_DEFAULT_LIMIT = 20
@@ -70,25 +88,18 @@ class BenchOptions:
     model: str | None = None
     dtype: str = "bfloat16"
     threads: int | None = None
-    block_size: int | None = None
-    policy: str | None = None
-    policy_k: int | None = None
-    lookup_ngram: int | None = None  # tidar: merge prompt-lookup drafts (None = the operating point's)
-    tidar_lookup_tokens: int | None = None  # tidar: longest prompt-lookup draft after the bonus (None = op point's)
-    lookup_occurrence: str | None = None  # tidar: which earlier occurrence lookup copies from (None = op point's)
-    datastore_tokens: int | None = None  # tidar: longest datastore draft (None = op point's, 0 = off)
-    datastore_confidence: float | None = None  # tidar: where datastore drafts are cut (None = op point's)
-    draft_model: str | None = None
-    draft_layers: int | None = None  # spec: draft = the target's first N layers (when no --draft-model)
-    threshold: float = 0.9
-    gamma: int = 4
-    lookup_tokens: int = LOOKUP_TOKENS  # hf-lookup / llamacpp-lookup candidates per step
+    compile: bool | None = None  # None: the model's operating point
+    engine: dict[str, Any] = field(default_factory=dict)  # GenerationConfig overrides for ar/tidar methods
+    draft_model: str | None = None  # spec: draft model directory
+    draft_layers: int | None = None  # spec: draft = the target's first N layers (when no draft_model)
+    threshold: float = 0.9  # diffusion: confidence threshold
+    gamma: int = 4  # spec: draft tokens per step
+    warmup: int = 1  # warm-up generations per method
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("block_size", "policy", "policy_k", "lookup_ngram", "draft_model",
-                                              "draft_layers", "threshold", "gamma", "lookup_tokens",
-                                              "tidar_lookup_tokens", "lookup_occurrence", "datastore_tokens",
-                                              "datastore_confidence")}
+        return {**self.engine, "draft_model": self.draft_model, "draft_layers": self.draft_layers,
+                "threshold": self.threshold, "gamma": self.gamma, "warmup": self.warmup,
+                "baseline_lookup_tokens": LOOKUP_TOKENS}
 
 
 @dataclass
@@ -161,17 +172,16 @@ def _passages(text: str, words: int = PROSE_WORDS, min_words: int = 40) -> list[
 def _val_documents(data_dir: str | Path | None) -> list[tuple[str, str]]:
     """(name, text) of held-out documents: a shard index's val files, else what `tidar data build`
     would hold out of python-doc and bible with its default split."""
-    from tidar.train import data
     try:
         if data_dir is not None:
-            index = data.TokenShards(data_dir).index
-            docs = [d for d in data.held_out_documents(index.get("sources", []), names=index["val"]["files"])
+            index = TokenShards(data_dir).index
+            docs = [d for d in held_out_documents(index.get("sources", []), names=index["val"]["files"])
                     if not d[0].endswith((".py", ".pyi"))]  # code is not prose
             if not docs:
                 raise BenchError(f"none of the val files of {data_dir} are readable prose on this machine")
             return docs
-        docs = data.held_out_documents(("python-doc", "bible"))
-    except data.DataError as e:
+        docs = held_out_documents(("python-doc", "bible"))
+    except DataError as e:
         raise BenchError(str(e)) from None
     if not docs:
         raise BenchError("no held-out prose found: pass --data SHARD_DIR, or install python3.11-doc / bible-kjv")
@@ -214,25 +224,10 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def baseline_function(name: str) -> Callable[..., Any]:
-    """tidar.measure.baselines.<name>, imported only when a baseline method is asked for."""
-    try:
-        mod = importlib.import_module("tidar.measure.baselines")
-    except ImportError as e:
-        raise BenchError(f"this method needs {name}, and tidar.measure.baselines cannot be imported ({e})") from None
-    fn = getattr(mod, name, None)
-    if not callable(fn):
-        raise BenchError(f"tidar.measure.baselines has no {name}() yet, so this method is unavailable")
-    return fn
-
-
 def validate_methods(methods: Sequence[str], opts: BenchOptions) -> None:
     """Everything that can fail without loading a model fails here."""
     for m in methods:
-        if m == "diffusion":
-            baseline_function("diffusion_generate")
-        elif m == "spec":
-            baseline_function("spec_generate")
+        if m == "spec":
             if not opts.draft_model and not opts.draft_layers:
                 raise BenchError("method 'spec' needs --draft-model PATH (a smaller model with the same vocabulary) "
                                  "or --draft-layers N (the target's first N layers)")
@@ -241,8 +236,6 @@ def validate_methods(methods: Sequence[str], opts: BenchOptions) -> None:
         elif m.startswith("llamacpp"):
             if importlib.util.find_spec("llama_cpp") is None:
                 raise BenchError(f"method {m!r} needs llama-cpp-python: {LLAMACPP_INSTALL}")
-            from tidar.model.weights import WeightsError, smollm2_gguf_path
-
             try:
                 smollm2_gguf_path()
             except WeightsError as e:
@@ -254,8 +247,6 @@ def cut_at_stop(tokenizer: Any, tokens: list[int], stop: Sequence[str]) -> list[
     """The shortest prefix of `tokens` whose text contains a stop string (all of them if none)."""
     if not stop:
         return tokens
-    from tidar.decode.engine import TextStreamer
-
     streamer = TextStreamer(tokenizer, stop)
     for n, t in enumerate(tokens, 1):
         streamer.push([t])
@@ -268,8 +259,6 @@ def _stopper(tokenizer: Any, stop: Sequence[str]) -> Callable[[int, list[int]], 
     """An `on_tokens` callback that ends generation once a stop string is complete."""
     if not stop:
         return None
-    from tidar.decode.engine import TextStreamer
-
     streamer = TextStreamer(tokenizer, stop)
 
     def on_tokens(i: int, toks: list[int]) -> int | None:
@@ -305,8 +294,6 @@ class EngineRunner:
         self.streams_stop = streams_stop  # whether fn honours on_tokens (else cut afterwards)
 
     def __call__(self, ids: list[int], max_new_tokens: int, stop: Sequence[str] = ()) -> Run:
-        from tidar.decode.engine import generate
-
         cfg = self.runtime.generation_config(max_new_tokens=max_new_tokens, **self.overrides)
         on_tokens = _stopper(self.runtime.tokenizer, stop) if self.streams_stop else None
         t0 = time.perf_counter()
@@ -327,8 +314,6 @@ class EngineRunner:
 def hf_checkpoint_dir(model: str | None) -> Path:
     """A directory transformers opens as the same dense weights: the model itself if it is a full
     checkpoint, the base for a TiDAR adapter (its AR path is the base, bit for bit)."""
-    from tidar.model.weights import ADAPTER_FILE, DEFAULT_BASE, MANIFEST_FILE, WeightsError, resolve_model_path
-
     path = resolve_model_path(model)
     if (path / MANIFEST_FILE).exists() and (path / ADAPTER_FILE).exists():
         return hf_checkpoint_dir(json.loads((path / MANIFEST_FILE).read_text()).get("base", DEFAULT_BASE))
@@ -370,8 +355,6 @@ class HFRunner:
         return cls(model, tokenizer, eos_ids, lookup)
 
     def __call__(self, ids: list[int], max_new_tokens: int, stop: Sequence[str] = ()) -> Run:
-        import torch
-
         input_ids = torch.tensor([ids])
         kw: dict[str, Any] = {
             "attention_mask": torch.ones_like(input_ids),
@@ -416,16 +399,12 @@ class LlamaCppRunner:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-        from tidar.model.weights import smollm2_gguf_path
-
         draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup else None
         llm = Llama(model_path=str(smollm2_gguf_path()), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                     draft_model=draft, seed=0, verbose=False)
         return cls(llm, tokenizer, eos_ids)
 
     def __call__(self, ids: list[int], max_new_tokens: int, stop: Sequence[str] = ()) -> Run:
-        from tidar.decode.engine import TextStreamer
-
         streamer = TextStreamer(self.tokenizer, stop) if stop else None
         # reset() forgets the KV cache: otherwise a repeated prompt (the warm-up) would skip its prefill
         self.llm.reset()
@@ -448,8 +427,6 @@ class LlamaCppRunner:
 def learning_generate(store: Any) -> Callable[..., Any]:
     """`generate` drafting from `store`, which then learns each output: the prompts run earlier in
     the benchmark stand in for a server's earlier traffic. `.reset()` forgets them (after warm-up)."""
-    from tidar.decode.engine import generate
-
     def fn(model: Any, prompts: list[list[int]], cfg: Any, on_tokens: Any) -> Any:
         out = generate(model, prompts, cfg, on_tokens=on_tokens, datastore=store)
         for seq in out.sequences:
@@ -462,12 +439,7 @@ def learning_generate(store: Any) -> Callable[..., Any]:
 
 def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_len: int = 4096) -> dict[str, Runner]:
     """Load what each method needs (timed nothing yet). `max_len` bounds prompt + new tokens."""
-    import torch
-
-    engine: dict[str, Any] = {"block_size": opts.block_size, "policy": opts.policy, "policy_k": opts.policy_k,
-                              "lookup_ngram": opts.lookup_ngram, "lookup_tokens": opts.tidar_lookup_tokens,
-                              "lookup_occurrence": opts.lookup_occurrence,
-                              "datastore_tokens": opts.datastore_tokens, "datastore_confidence": opts.datastore_confidence}
+    engine = dict(opts.engine)
     runners: dict[str, Runner] = {}
     for m in methods:
         if m == "ar":  # plain AR: no prompt-lookup bookkeeping even if the operating point has it
@@ -481,19 +453,16 @@ def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_
                 raise BenchError(f"method 'tidar-learn' needs a model with a datastore; {runtime.name} has none")
             runners[m] = EngineRunner(runtime, {"mode": "tidar", **engine}, learning_generate(runtime.datastore.fork()))
         elif m == "diffusion":
-            fn = baseline_function("diffusion_generate")
+            fn = baselines.diffusion_generate
             runners[m] = EngineRunner(
-                runtime, {"mode": "tidar", "block_size": opts.block_size},
+                runtime, {"mode": "tidar", "block_size": engine.get("block_size")},
                 lambda model, ps, cfg, _cb, fn=fn: fn(model, ps, cfg, threshold=opts.threshold), streams_stop=False)
         elif m == "spec":
-            from tidar.model.weights import load_model
-            from tidar.runtime import DTYPE
-
-            fn = baseline_function("spec_generate")
+            fn = baselines.spec_generate
             if opts.draft_model:
                 draft = load_model(opts.draft_model, dtype=DTYPE[opts.dtype])
             else:
-                draft = baseline_function("truncated_draft")(runtime.model, opts.draft_layers)
+                draft = baselines.truncated_draft(runtime.model, opts.draft_layers)
             runners[m] = EngineRunner(
                 runtime, {"mode": "ar", "lookup_ngram": 0},
                 lambda model, ps, cfg, _cb, fn=fn, draft=draft: fn(model, draft, ps, cfg, gamma=opts.gamma),
@@ -504,11 +473,11 @@ def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_
         base = HFRunner.load(directory, opts.dtype, runtime.tokenizer, runtime.eos_ids)
         for m in hf:  # one set of weights for both; each runner's hook counts only during its own calls
             runners[m] = base if m == "hf" else HFRunner(base.model, runtime.tokenizer, runtime.eos_ids,
-                                                         opts.lookup_tokens)
+                                                         LOOKUP_TOKENS)
     for m in methods:
         if m.startswith("llamacpp"):
             runners[m] = LlamaCppRunner.load(opts.threads or torch.get_num_threads(), max_len, runtime.tokenizer,
-                                             runtime.eos_ids, opts.lookup_tokens if m == "llamacpp-lookup" else None)
+                                             runtime.eos_ids, LOOKUP_TOKENS if m == "llamacpp-lookup" else None)
     return runners
 
 
@@ -538,10 +507,6 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 def ar_top2_margin(model: Any, prompt: Sequence[int], ar_prefix: Sequence[int]) -> float:
     """Top-1 minus top-2 AR logit for the token after prompt + ar_prefix (one causal forward)."""
-    import torch
-
-    from tidar.masks import causal_mask
-
     ids = torch.tensor([list(prompt) + list(ar_prefix)])
     n = ids.shape[1]
     with torch.inference_mode():
@@ -718,164 +683,42 @@ def format_table(methods: dict[str, dict[str, Any]]) -> str:
 def tidar_step_tokens(runtime: Any, opts: BenchOptions) -> int:
     """Tokens in one TiDAR forward at the benchmarked operating point (b clean + one block per
     pre-drafted acceptance length)."""
-    cfg = runtime.generation_config(block_size=opts.block_size, policy=opts.policy, policy_k=opts.policy_k,
-                                    lookup_ngram=opts.lookup_ngram)
-    from tidar.measure.profile import step_tokens
-
-    return step_tokens(cfg.block_size or runtime.model.config.block_size, cfg.policy, cfg.policy_k)
+    cfg = runtime.generation_config(**opts.engine)
+    return step_tokens(cfg.block_size or runtime.model.config.block_size, cfg.policy)
 
 
-# -- CLI -------------------------------------------------------------------------------------------
-def add_method_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by `tidar bench` and `tidar eval humaneval`."""
-    from tidar.cli import dtype_arg, positive_int
-
-    p.add_argument("--model", default=None, help="model directory, or 'smollm2' (default: the shipped TiDAR model)")
-    p.add_argument("--dtype", type=dtype_arg, default="bfloat16", help="float32 | bfloat16 (default)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch and llama.cpp threads (default: all)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decoder blocks for ar/tidar/diffusion/spec (default: the model's operating point)")
-    p.add_argument("--block-size", type=positive_int, default=None, help="TiDAR draft length b (default: model's)")
-    p.add_argument("--policy", choices=["all", "full", "topk"], default=None)
-    p.add_argument("--policy-k", type=positive_int, default=None)
-    p.add_argument("--lookup-ngram", type=int, default=None,
-                   help="tidar: merge prompt-lookup drafts matching the last N tokens (0 = off)")
-    p.add_argument("--lookup-tokens", type=int, default=None,
-                   help="tidar: longest prompt-lookup draft after the committed token; may exceed the block (0 = b-1)")
-    p.add_argument("--lookup-occurrence", choices=["longest", "latest"], default=None,
-                   help="tidar: which earlier occurrence prompt lookup copies from (default: the operating point)")
-    p.add_argument("--datastore-tokens", type=int, default=None,
-                   help="tidar: longest draft from the model's datastore (0 = off; default: the operating point)")
-    p.add_argument("--datastore-confidence", type=float, default=None,
-                   help="tidar: cut datastore drafts below this estimated chance (default: the operating point)")
-    p.add_argument("--draft-model", default=None, help="spec: draft model directory")
-    p.add_argument("--draft-layers", type=positive_int, default=None,
-                   help="spec: use the target's first N layers as the draft (when no --draft-model)")
-    p.add_argument("--gamma", type=positive_int, default=4, help="spec: draft tokens per step")
-    p.add_argument("--threshold", type=float, default=0.9, help="diffusion: confidence threshold")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up generations per method (default 1)")
-    p.add_argument("--no-progress", action="store_true")
+# -- the command ------------------------------------------------------------------------------------
+def check_options(opts: BenchOptions) -> None:
+    """What the options can get wrong before any model is loaded (the engine's own options are
+    checked by GenerationConfig)."""
+    if opts.warmup < 0:
+        raise BenchError(f"--warmup must be >= 0, got {opts.warmup}")
+    if not 0.0 < opts.threshold <= 1.0:
+        raise BenchError(f"--threshold must be in (0, 1], got {opts.threshold}")
+    if opts.model is not None and opts.model not in ("smollm2", "base") and not Path(opts.model).exists():
+        raise BenchError(f"model path {opts.model} does not exist (give a checkpoint directory, or 'smollm2')")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tidar.cli import Parser, positive_int
-
-    p = Parser(prog="tidar bench", description="Decoding methods side by side: tokens/s, tokens/forward, "
-                                                "and whether greedy output equals AR's.")
-    p.add_argument("--prompts", required=True, help="humaneval | prose | a .jsonl file of {\"prompt\", \"chat\"?}")
-    p.add_argument("--methods", default="ar,tidar", help=f"comma-separated, from: {', '.join(METHODS)}")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--limit", type=positive_int, default=None, help="first K prompts (prose default: 20)")
-    p.add_argument("--data", default=None, help="shard directory whose val split gives the prose prompts")
-    add_method_args(p)
-    p.add_argument("--json", default=None, help="write the report to this file")
-    p.add_argument("--plots", default=None, help="write PNG plots to this directory")
-    p.add_argument("--profile", default=None, help="a `tidar profile --json` file to plot with the operating point")
-    return p
-
-
-def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    return BenchOptions(model=args.model, dtype=args.dtype, threads=args.threads, block_size=args.block_size,
-                        policy=args.policy, policy_k=args.policy_k, lookup_ngram=args.lookup_ngram,
-                        tidar_lookup_tokens=args.lookup_tokens, lookup_occurrence=args.lookup_occurrence,
-                        draft_model=args.draft_model, draft_layers=args.draft_layers,
-                        datastore_tokens=args.datastore_tokens, datastore_confidence=args.datastore_confidence,
-                        threshold=args.threshold,
-                        gamma=args.gamma)
-
-
-def check_common(args: argparse.Namespace) -> None:
-    if args.warmup < 0:
-        raise BenchError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.lookup_ngram is not None and args.lookup_ngram < 0:
-        raise BenchError(f"--lookup-ngram must be >= 0, got {args.lookup_ngram}")
-    if args.lookup_tokens is not None and args.lookup_tokens < 0:
-        raise BenchError(f"--lookup-tokens must be >= 0, got {args.lookup_tokens}")
-    if args.datastore_tokens is not None and args.datastore_tokens < 0:
-        raise BenchError(f"--datastore-tokens must be >= 0, got {args.datastore_tokens}")
-    if args.datastore_confidence is not None and not 0.0 <= args.datastore_confidence < 1.0:
-        raise BenchError(f"--datastore-confidence must be in [0, 1), got {args.datastore_confidence}")
-    if not 0.0 < args.threshold <= 1.0:
-        raise BenchError(f"--threshold must be in (0, 1], got {args.threshold}")
-    if getattr(args, "profile", None) is not None and not Path(args.profile).is_file():
-        raise BenchError(f"--profile {args.profile} does not exist (write one with `tidar profile --json FILE`)")
-    if args.model is not None and args.model not in ("smollm2", "base") and not Path(args.model).exists():
-        raise BenchError(f"model path {args.model} does not exist (give a checkpoint directory, or 'smollm2')")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse errors are already printed as one line
-        return int(e.code or 0)
-    from tidar.cli import run_reporting_errors
-
-    def body() -> int:
-        methods = parse_methods(args.methods)
-        opts = options_from_args(args)
-        check_common(args)
-        validate_methods(methods, opts)
-        if args.data is not None and args.prompts != "prose":
-            raise BenchError("--data only applies to --prompts prose")
-        return _bench(args, methods, opts, load_prompts(args.prompts, args.limit, args.data))
-
-    return run_reporting_errors(body, BenchError)
-
-
-def _bench(args: argparse.Namespace, methods: list[str], opts: BenchOptions, prompts: list[Prompt]) -> int:
-    import torch
-
-    from tidar.runtime import Runtime
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def benchmark(opts: BenchOptions, prompts: Sequence[Prompt], methods: Sequence[str], max_new_tokens: int,
+              source: str, progress: bool = True) -> tuple[dict[str, Any], Any]:
+    """Load the model and every method's runner, run the methods side by side, and return the JSON
+    report (with the machine's load during the run) and the runtime."""
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     load_start = load_average()
-    rt = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)
+    rt = Runtime.load(opts.model, dtype=opts.dtype, compile=opts.compile)
     ids = [rt.encode(p.text, p.chat) for p in prompts]
-    max_len = max(len(x) for x in ids) + args.max_new_tokens + 64
-    runners = build_runners(rt, methods, opts, max_len=max_len)
+    runners = build_runners(rt, methods, opts, max_len=max(len(x) for x in ids) + max_new_tokens + 64)
     cpu = CpuMonitor().start()
-    result = run_bench(rt, ids, methods, args.max_new_tokens, runners=runners, warmup=args.warmup,
-                       progress=not args.no_progress)
+    result = run_bench(rt, ids, methods, max_new_tokens, runners=runners, warmup=opts.warmup, progress=progress)
     other_cpu = cpu.stop()
-    source = args.prompts if args.prompts in SOURCES else str(Path(args.prompts))
     report = {
-        "model": rt.name,
-        "dtype": args.dtype,
-        "threads": torch.get_num_threads(),
-        "compiled": rt.compiled,
-        "kernels": rt.model.kernels_on,
-        "prompts": len(prompts),
-        "source": source,
-        "max_new_tokens": args.max_new_tokens,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
+        "model": rt.name, "dtype": opts.dtype, "threads": torch.get_num_threads(), "compiled": rt.compiled,
+        "kernels": rt.model.kernels_on, "prompts": len(prompts), "source": source, "max_new_tokens": max_new_tokens,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
         "machine": {**machine_info(), "load_average_start": load_start, "load_average_end": load_average(),
                     "other_cpu_share": other_cpu},
-        "config": {**opts.as_dict(), "warmup": args.warmup,
-                   "tidar_step_tokens": tidar_step_tokens(rt, opts) if "tidar" in methods else None},
+        "config": {**opts.as_dict(), "tidar_step_tokens": tidar_step_tokens(rt, opts) if "tidar" in methods else None},
         "methods": result.methods,
     }
-    compiled = " compiled" if rt.compiled else ""
-    compiled += " | tidar.model.kernels" if rt.model.kernels_on else " | PyTorch engine path"
-    print(f"{rt.name} | {args.dtype}{compiled} | {report['threads']} threads | {len(prompts)} prompts from {source} | "
-          f"max {args.max_new_tokens} new tokens")
-    print(format_table(result.methods))
-    if other_cpu is not None and other_cpu > 0.1:
-        print(f"note: other processes used {other_cpu:.0%} of the machine's CPU during the run: "
-              "these timings are a smoke test only")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.plots:
-        from tidar.measure.plots import plot_bench
-
-        profile = json.loads(Path(args.profile).read_text()) if args.profile else None
-        for png in plot_bench(report, args.plots, profile=profile):
-            print(f"wrote {png}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return report, rt

