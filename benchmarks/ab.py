@@ -28,7 +28,7 @@ import json
 import time
 
 from tidar.decode import Decoder
-from tidar.measure.bench import Prompt, load_prompts
+from tidar.measure.prompts import Prompt, load_prompts
 from tidar.model.transformer import FusedLinear
 from tidar.runtime import Runtime
 

@@ -25,7 +25,7 @@ import time
 import torch
 
 from tidar.decode import generate
-from tidar.measure.bench import load_prompts
+from tidar.measure.prompts import load_prompts
 from tidar.runtime import Runtime
 
 

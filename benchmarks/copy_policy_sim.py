@@ -38,7 +38,7 @@ from tidar.runtime import Runtime
 
 def generate_outputs(rt: Runtime, path: Path) -> dict:
     from tidar.decode import generate
-    from tidar.measure.bench import load_prompts
+    from tidar.measure.prompts import load_prompts
 
     rows = []
     for p in load_prompts("humaneval", None, None):

@@ -28,7 +28,7 @@ import argparse
 import numpy as np
 
 from tidar.decode import Datastore, Decoder
-from tidar.measure.bench import load_prompts
+from tidar.measure.prompts import load_prompts
 from tidar.runtime import Runtime
 from tidar.train.loader import TokenShards
 from tidar.train.selfgen import from_generated

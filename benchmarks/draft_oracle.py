@@ -15,7 +15,7 @@ import argparse
 from tidar.decode import Decoder
 from tidar.decode.drafters import Draft, DraftContext
 from tidar.decode.drafters.lookup import LookupDrafter
-from tidar.measure.bench import humaneval_problems
+from tidar.measure.prompts import humaneval_problems
 from tidar.runtime import Runtime
 
 

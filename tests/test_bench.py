@@ -10,8 +10,10 @@ import torch
 from conftest import tiny_model
 
 from tidar.cli.bench import main as bench_main
-from tidar.measure import bench
-from tidar.measure.bench import Run, first_difference, method_order, normalize, run_bench
+from tidar.measure import bench, prompts
+from tidar.measure.bench import first_difference, method_order, normalize, run_bench
+from tidar.measure.prompts import BenchError
+from tidar.measure.runners import BenchOptions, EngineRunner, HFRunner, Run, build_runners
 from tidar.runtime import Runtime
 
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))  # ids 0..95; 96 is EOS (tiny vocab: 97)
@@ -170,9 +172,9 @@ def test_hf_methods_match_our_ar(tmp_path):
 
     rt = tiny_runtime()
     save_pretrained(rt.model, tmp_path / "tiny")
-    base = bench.HFRunner.load(tmp_path / "tiny", "float32", rt.tokenizer, rt.eos_ids)
-    runners = {"ar": bench.EngineRunner(rt, {"mode": "ar"}), "hf": base,
-               "hf-lookup": bench.HFRunner(base.model, rt.tokenizer, rt.eos_ids, lookup=10)}
+    base = HFRunner.load(tmp_path / "tiny", "float32", rt.tokenizer, rt.eos_ids)
+    runners = {"ar": EngineRunner(rt, {"mode": "ar"}), "hf": base,
+               "hf-lookup": HFRunner(base.model, rt.tokenizer, rt.eos_ids, lookup=10)}
     prompts = [rt.encode("abcabcabc abcabc"), rt.encode("hello")]
     res = run_bench(rt, prompts, list(runners), 16, runners=runners, warmup=0)
     for m in ("hf", "hf-lookup"):
@@ -184,7 +186,7 @@ def test_hf_methods_match_our_ar(tmp_path):
 def test_prose_passages_skip_markup():
     doc = ("Title\n=====\n\n.. note::\n   directive body\n\n    indented code block line one two three\n\n"
            + " ".join(["word"] * 100) + "\n\nshort para\n\n1 In the beginning " + " ".join(["verse"] * 50))
-    got = bench._passages(doc)
+    got = prompts._passages(doc)
     assert len(got) == 2
     assert got[0].split() == ["word"] * 80
     assert got[1].startswith("In the beginning") and len(got[1].split()) == 53
@@ -211,7 +213,7 @@ def test_baseline_methods_through_the_harness():
     pytest.importorskip("tidar.measure.baselines")
     rt = tiny_runtime()
     methods = ["ar", "tidar", "diffusion", "spec"]
-    runners = bench.build_runners(rt, methods, bench.BenchOptions(dtype="float32", draft_layers=1, engine={"lookup_ngram": 2}))
+    runners = build_runners(rt, methods, BenchOptions(dtype="float32", draft_layers=1, engine={"lookup_ngram": 2}))
     res = run_bench(rt, [rt.encode("abcabcabc abc"), rt.encode("hello")], methods, 12, runners=runners, warmup=0)
     assert res.methods["spec"]["matches_ar"] == 1.0  # speculative decoding is lossless
     assert res.methods["tidar"]["matches_ar"] == 1.0  # with prompt-lookup drafts merged, too
@@ -231,7 +233,7 @@ def test_learning_method_drafts_from_earlier_prompts_outputs_only():
     p = [rt.encode("the cat sat on"), rt.encode("a dog ran to")]
     prompts = [p[0], p[1], p[0]]
     methods = ["ar", "tidar", "tidar-learn"]
-    runners = bench.build_runners(rt, methods, bench.BenchOptions(dtype="float32"))
+    runners = build_runners(rt, methods, BenchOptions(dtype="float32"))
     res = run_bench(rt, prompts, methods, 24, runners=runners, warmup=1)
     assert res.methods["tidar-learn"]["matches_ar"] == res.methods["tidar"]["matches_ar"] == 1.0
     learned = [r.accepted_drafts["datastore"] for r in res.runs["tidar-learn"]]
@@ -239,8 +241,8 @@ def test_learning_method_drafts_from_earlier_prompts_outputs_only():
     assert learned[0] == plain[0]  # nothing learned before the first prompt: the warm-up is forgotten
     assert learned[2] > plain[2] + 10  # the repeated prompt copies its earlier answer
     assert rt.datastore.learned_tokens == 0
-    with pytest.raises(bench.BenchError, match="needs a model with a datastore"):
-        bench.build_runners(tiny_runtime(), ["tidar-learn"], bench.BenchOptions(dtype="float32"))
+    with pytest.raises(BenchError, match="needs a model with a datastore"):
+        build_runners(tiny_runtime(), ["tidar-learn"], BenchOptions(dtype="float32"))
 
 
 def test_runtime_compile_falls_back_to_eager_when_inductor_fails(monkeypatch):

@@ -36,3 +36,16 @@ def test_empty_prompt_and_missing_model():
     assert r.returncode == 2 and r.stderr.strip() == "error: --prompt is empty: give the text to continue"
     r = run("generate", "--prompt", "hi", "--model", "/no/such/dir")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", [["serve"], ["profile"], ["demo"], ["generate", "--prompt", "x"]])
+def test_a_missing_model_is_one_line(command, monkeypatch, capsys):
+    from tidar.model.weights import WeightsError
+    from tidar.runtime import Runtime
+
+    def load(cls, *a, **k):
+        raise WeightsError("model directory /no/such/dir does not exist")
+
+    monkeypatch.setattr(Runtime, "load", classmethod(load))
+    assert main([*command, "--model", "/no/such/dir"]) == 2
+    assert capsys.readouterr().err.strip() == "error: model directory /no/such/dir does not exist"

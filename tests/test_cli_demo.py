@@ -15,7 +15,6 @@ from test_bench import CharTokenizer  # noqa: E402
 
 from tidar.cli.demo import main  # noqa: E402
 from tidar.demo import PROMPTS  # noqa: E402
-from tidar.model.weights import WeightsError  # noqa: E402
 from tidar.runtime import Runtime, TextResult  # noqa: E402
 
 
@@ -133,11 +132,3 @@ def test_bad_flags_are_one_line_errors_before_loading(demo, capsys, args, fragme
     assert err.startswith("error: tidar demo:") and fragment in err and len(err.splitlines()) == 1
     assert demo["loads"] == []
 
-
-def test_a_missing_model_is_one_line(monkeypatch, capsys):
-    def load(cls, *a, **k):
-        raise WeightsError("model directory /no/such/dir does not exist")
-
-    monkeypatch.setattr(Runtime, "load", classmethod(load))
-    assert main(["--model", "/no/such/dir"]) == 2
-    assert capsys.readouterr().err.strip() == "error: model directory /no/such/dir does not exist"

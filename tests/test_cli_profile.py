@@ -8,7 +8,6 @@ import pytest
 from test_bench import tiny_runtime
 
 from tidar.cli.profile import main
-from tidar.model.weights import WeightsError
 from tidar.runtime import Runtime
 
 
@@ -117,11 +116,3 @@ def test_bad_flags_are_one_line_errors_before_loading(profiled, capsys, args, fr
     assert err.startswith("error: tidar profile:") and fragment in err and len(err.splitlines()) == 1
     assert "load" not in profiled
 
-
-def test_a_missing_model_is_one_line(monkeypatch, capsys):
-    def load(cls, *a, **k):
-        raise WeightsError("model directory /no/such/dir does not exist")
-
-    monkeypatch.setattr(Runtime, "load", classmethod(load))
-    assert main(["--model", "/no/such/dir"]) == 2
-    assert capsys.readouterr().err.strip() == "error: model directory /no/such/dir does not exist"

@@ -15,7 +15,6 @@ from test_server import CharTokenizer  # noqa: E402
 
 from tidar.cli.serve import main  # noqa: E402
 from tidar.decode import Datastore  # noqa: E402
-from tidar.model.weights import WeightsError  # noqa: E402
 from tidar.runtime import Runtime  # noqa: E402
 
 
@@ -101,11 +100,3 @@ def test_bad_flags_are_one_line_errors(served, capsys, args, fragment):
     assert err.startswith("error: tidar serve:") and fragment in err and len(err.splitlines()) == 1
     assert "load" not in served
 
-
-def test_a_missing_model_is_one_line(monkeypatch, capsys):
-    def load(cls, *a, **k):
-        raise WeightsError("model directory /no/such/dir does not exist")
-
-    monkeypatch.setattr(Runtime, "load", classmethod(load))
-    assert main(["--model", "/no/such/dir"]) == 2
-    assert capsys.readouterr().err.strip() == "error: model directory /no/such/dir does not exist"

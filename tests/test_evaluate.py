@@ -14,8 +14,8 @@ from test_bench import CharTokenizer, tiny_runtime
 from tidar.cli.eval import main as eval_main
 from tidar.masks import causal_mask
 from tidar.measure import evaluate
-from tidar.measure.bench import Run
 from tidar.measure.evaluate import EvalError, check_completions, pass_at_1, perplexity, run_humaneval, truncate_completion
+from tidar.measure.runners import Run
 
 
 def problem(name: str, signature: str, test: str) -> dict:

@@ -128,3 +128,56 @@ def test_bench_engine_flags_reach_the_tidar_methods_only(tmp_path, monkeypatch, 
     assert report["methods"]["tidar"]["query_tokens_per_forward"] == 6.0  # 2 drafts + 2 blocks of 2
     assert report["methods"]["ar"]["query_tokens_per_forward"] == 1.0
     assert report["methods"]["tidar"]["matches_ar"] == 1.0
+
+
+def test_beta_below_one_mixes_the_block_into_the_bonus_token():
+    """beta = 1 is AR's output; beta = 0 takes the bonus token from the [MASK] block drafted for its
+    position, which an untrained drafter gets wrong somewhere."""
+    from conftest import tiny_model
+    from test_decoding import ar, prompts
+
+    from tidar.decode import generate
+
+    model = tiny_model(seed=1)
+    ps = prompts(6, seed=2)
+    cfg = dict(max_new_tokens=16, block_size=3, policy="all")
+    lossless = [generate(model, [p], GenerationConfig(**cfg, beta=1.0)).sequences[0] for p in ps]
+    mixed = [generate(model, [p], GenerationConfig(**cfg, beta=0.0)).sequences[0] for p in ps]
+    assert lossless == [ar(model, [p], 16)[0] for p in ps]
+    assert mixed != lossless
+
+
+def test_generate_model_dtype_compile_threads_reach_the_runtime(monkeypatch, capsys):
+    seen = {}
+    rt = tiny_runtime()
+
+    def load(cls, name=None, dtype="bfloat16", compile=None):
+        seen.update(name=name, dtype=dtype, compile=compile)
+        return rt
+
+    monkeypatch.setattr(Runtime, "load", classmethod(load))
+    monkeypatch.setattr("torch.set_num_threads", lambda n: seen.update(threads=n))
+    assert main(["generate", "--prompt", "abc", "--max-new-tokens", "3", "--model", "some/dir", "--dtype", "fp32",
+                 "--compile", "--threads", "3"]) == 0
+    assert seen == {"name": "some/dir", "dtype": "float32", "compile": True, "threads": 3}
+
+
+def test_generate_stream_prints_the_same_text_as_it_is_committed(monkeypatch, capsys):
+    text = run_generate(monkeypatch, capsys, "--max-new-tokens", "16")["text"]
+    rt = tiny_runtime()
+    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, *a, **k: rt))
+    writes = []
+    monkeypatch.setattr("sys.stdout.write", lambda s: writes.append(s) or len(s))
+    assert main(["generate", "--prompt", "abc", "--max-new-tokens", "16", "--stream"]) == 0
+    assert "".join(writes).rstrip("\n") == text and len([w for w in writes if w.strip()]) > 1
+
+
+def test_generate_chat_needs_a_chat_template(monkeypatch, capsys):
+    rt = tiny_runtime()
+    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, *a, **k: rt))
+    assert main(["generate", "--prompt", "abc", "--chat"]) == 2
+    assert "chat template" in capsys.readouterr().err
+    rt.tokenizer.chat_template = "t"
+    monkeypatch.setattr("tidar.runtime.chat_ids", lambda tok, msgs: [5, 6] + tok.encode(msgs[0]["content"]))
+    assert main(["generate", "--prompt", "abc", "--chat", "--json", "--max-new-tokens", "4"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 4

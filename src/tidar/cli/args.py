@@ -85,10 +85,20 @@ def run_reporting_errors(body: Callable[[], int], *user_errors: type[BaseExcepti
         return 130
 
 
-def parse_or_exit_code(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                body: Callable[[argparse.Namespace], int], *user_errors: type[BaseException]) -> int:
+    """A subcommand's `main`: parse `argv` (a bad flag: argparse's one line, code 2), then run
+    `body(args)` reporting user errors as one line (`run_reporting_errors`)."""
+    args = parse_or_exit_code(parser, argv)
+    if isinstance(args, int):
+        return args
+    return run_reporting_errors(lambda: body(args), *user_errors)
+
+
+def parse_or_exit_code(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
     """Parsed args, or argparse's exit code (its one-line error is already printed)."""
     try:
-        return parser.parse_args(argv)
+        return parser.parse_args(None if argv is None else list(argv))
     except SystemExit as e:
         return int(e.code or 0)
 

@@ -12,24 +12,14 @@ from tidar.cli.args import (
     add_generation_args,
     dtype_arg,
     generation_overrides,
-    parse_or_exit_code,
     positive_int,
-    run_reporting_errors,
+    run_command,
 )
 from tidar.decode.options import options
-from tidar.measure.bench import (
-    METHODS,
-    SOURCES,
-    BenchError,
-    BenchOptions,
-    benchmark,
-    check_options,
-    format_table,
-    load_prompts,
-    parse_methods,
-    validate_methods,
-)
+from tidar.measure.bench import benchmark, check_options, format_table
 from tidar.measure.plots import plot_bench
+from tidar.measure.prompts import SOURCES, BenchError, load_prompts
+from tidar.measure.runners import METHODS, BenchOptions, parse_methods, validate_methods
 
 # the engine options a benchmark varies: the operating point's, and beta
 ENGINE_FLAGS = [f.name for f in options("tuned")] + ["beta"]
@@ -106,7 +96,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_or_exit_code(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    return run_reporting_errors(lambda: run(args), BenchError)
+    return run_command(build_parser(), argv, run, BenchError)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tidar.cli.args import Parser, int_list, parse_or_exit_code, run_reporting_errors
+from tidar.cli.args import Parser, int_list, run_command
 from tidar.decode import Datastore, DatastoreError
 from tidar.decode.drafters.datastore import ORDERS
 from tidar.model.weights import resolve_model_path
@@ -51,8 +51,5 @@ def build(args) -> int:  # noqa: ANN001
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_or_exit_code(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    return run_reporting_errors(lambda: info(args.model) if args.action == "info" else build(args),
-                                DatastoreError, DataError)
+    return run_command(build_parser(), argv, lambda args: info(args.model) if args.action == "info" else build(args),
+                       DatastoreError, DataError)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from tidar.cli.args import Parser, add_model_args, parse_or_exit_code, positive_int, run_reporting_errors, setup_torch
+from tidar.cli.args import Parser, add_model_args, positive_int, run_command, setup_torch
 from tidar.demo import run_demo
 
 
@@ -29,7 +29,4 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_or_exit_code(build_parser(), None if argv is None else list(argv))
-    if isinstance(args, int):
-        return args
-    return run_reporting_errors(lambda: demo(args))
+    return run_command(build_parser(), argv, demo)

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tidar.cli.args import Parser, dtype_arg, parse_or_exit_code, positive_int, run_reporting_errors, setup_torch
+from tidar.cli.args import Parser, dtype_arg, positive_int, run_command, setup_torch
 from tidar.cli.bench import add_method_args, options_from_args
-from tidar.measure.bench import BenchError, parse_methods
 from tidar.measure.evaluate import BACKENDS, EvalError, humaneval_report, ppl_report
+from tidar.measure.prompts import BenchError
+from tidar.measure.runners import parse_methods
 
 
 def build_parser() -> Parser:
@@ -76,8 +77,5 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_or_exit_code(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    return run_reporting_errors(lambda: cmd_humaneval(args) if args.task == "humaneval" else cmd_ppl(args),
-                                EvalError, BenchError)
+    return run_command(build_parser(), argv, lambda args: cmd_humaneval(args) if args.task == "humaneval" else cmd_ppl(args),
+                       EvalError, BenchError)

@@ -13,8 +13,7 @@ from tidar.cli.args import (
     add_generation_args,
     add_model_args,
     generation_overrides,
-    parse_or_exit_code,
-    run_reporting_errors,
+    run_command,
     setup_torch,
 )
 from tidar.runtime import Runtime
@@ -52,7 +51,4 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_or_exit_code(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    return run_reporting_errors(lambda: cmd_generate(args))
+    return run_command(build_parser(), argv, cmd_generate)

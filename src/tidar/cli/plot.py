@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from tidar.cli.args import Parser, parse_or_exit_code, run_reporting_errors
+from tidar.cli.args import Parser, run_command
 from tidar.measure.plots import MetricsError, plot_metrics
 
 
@@ -23,7 +23,4 @@ def plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_or_exit_code(build_parser(), None if argv is None else list(argv))
-    if isinstance(args, int):
-        return args
-    return run_reporting_errors(lambda: plot(args), FileNotFoundError, MetricsError)
+    return run_command(build_parser(), argv, plot, FileNotFoundError, MetricsError)

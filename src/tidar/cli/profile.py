@@ -10,9 +10,8 @@ from tidar.cli.args import (
     add_model_args,
     int_list,
     non_negative_int,
-    parse_or_exit_code,
     positive_int,
-    run_reporting_errors,
+    run_command,
     setup_torch,
 )
 from tidar.measure.profile import DEFAULT_TOKENS, run_profile
@@ -61,7 +60,4 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_or_exit_code(build_parser(), None if argv is None else list(argv))
-    if isinstance(args, int):
-        return args
-    return run_reporting_errors(lambda: profile(args))
+    return run_command(build_parser(), argv, profile)

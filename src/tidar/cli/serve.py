@@ -12,9 +12,8 @@ from tidar.cli.args import (
     CLIError,
     Parser,
     add_model_args,
-    parse_or_exit_code,
     positive_int,
-    run_reporting_errors,
+    run_command,
     setup_torch,
 )
 from tidar.runtime import Runtime
@@ -66,7 +65,4 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_or_exit_code(build_parser(), None if argv is None else list(argv))
-    if isinstance(args, int):
-        return args
-    return run_reporting_errors(lambda: serve(args))
+    return run_command(build_parser(), argv, serve)

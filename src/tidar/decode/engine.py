@@ -81,7 +81,7 @@ class Decoder:
         return self.state.cache
 
     def layout(self, n_clean: int, accept_lengths: tuple[int, ...]) -> StepLayout:
-        key = (n_clean, *accept_lengths)  # layouts are cached per draft length and blocks fed
+        key = (self.b, n_clean, *accept_lengths)  # layouts are cached per block size, draft length and blocks fed
         if key not in self._layouts:
             self._layouts[key] = step_layout(n_clean, self.b, accept_lengths, device=self.device)
         return self._layouts[key]

@@ -29,18 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from tidar.masks import causal_mask
-from tidar.measure.bench import (
-    BenchError,
-    BenchOptions,
-    CpuMonitor,
-    build_runners,
-    check_options,
-    humaneval_problems,
-    load_average,
-    machine_info,
-    run_bench,
-    validate_methods,
-)
+from tidar.measure.bench import CpuMonitor, check_options, load_average, machine_info, run_bench
+from tidar.measure.prompts import BenchError, humaneval_problems
+from tidar.measure.runners import BenchOptions, build_runners, validate_methods
 from tidar.model.weights import load_model, resolve_model_path
 from tidar.runtime import DTYPE, Runtime
 from tidar.train.errors import DataError

@@ -1,0 +1,120 @@
+"""`tidar bench` and `tidar eval` flags do what their help says (tiny model, no real weights)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import tiny_model
+from test_bench import CharTokenizer, tiny_runtime
+
+from tidar.cli.bench import main as bench_main
+from tidar.cli.eval import main as eval_main
+from tidar.measure import evaluate, runners
+from tidar.model.weights import save_pretrained
+from tidar.runtime import Runtime
+
+
+@pytest.fixture
+def rt(monkeypatch):
+    runtime = tiny_runtime()
+    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, *a, **k: runtime))
+    return runtime
+
+
+def run_bench(tmp_path, *argv: str) -> dict:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "def f(x):"}\n{"prompt": "abc abc abc"}\n')
+    out = tmp_path / "r.json"
+    assert bench_main(["--prompts", str(prompts), "--max-new-tokens", "12", "--no-progress", "--json", str(out),
+                       *argv]) == 0
+    return json.loads(out.read_text())
+
+
+def test_spec_draft_layers_and_gamma(rt, tmp_path):
+    report = run_bench(tmp_path, "--methods", "ar,spec", "--draft-layers", "1", "--gamma", "2")
+    spec = report["methods"]["spec"]
+    assert report["config"]["draft_layers"] == 1 and report["config"]["gamma"] == 2
+    assert len(spec["acceptance_histogram"]) == 3  # acceptance lengths 1..gamma + 1
+    assert spec["matches_ar"] == 1.0  # speculative decoding is lossless
+
+
+def test_spec_draft_model_is_loaded_from_its_directory(rt, tmp_path, monkeypatch):
+    save_pretrained(tiny_model(seed=9), tmp_path / "draft")
+    loaded = []
+    real = runners.load_model
+    monkeypatch.setattr(runners, "load_model", lambda path, **k: loaded.append(str(path)) or real(path, **k))
+    report = run_bench(tmp_path, "--methods", "ar,spec", "--draft-model", str(tmp_path / "draft"), "--dtype", "float32")
+    assert loaded == [str(tmp_path / "draft")] and report["config"]["draft_model"] == str(tmp_path / "draft")
+    assert report["methods"]["spec"]["matches_ar"] == 1.0
+
+
+def test_diffusion_threshold_sets_how_many_tokens_a_forward_unmasks(rt, tmp_path):
+    strict = run_bench(tmp_path, "--methods", "ar,diffusion", "--threshold", "1.0", "--block-size", "3")
+    loose = run_bench(tmp_path, "--methods", "ar,diffusion", "--threshold", "0.000001", "--block-size", "3")
+    assert strict["methods"]["diffusion"]["tokens_per_forward"] == 1.0  # one token per forward
+    assert loose["methods"]["diffusion"]["tokens_per_forward"] > 2.0  # a whole block per forward, nearly
+    assert bench_main(["--prompts", str(tmp_path / "p.jsonl"), "--threshold", "0"]) == 2
+
+
+def test_warmup_is_the_number_of_untimed_generations_per_method(rt, tmp_path, monkeypatch):
+    calls = []
+    real = runners.EngineRunner.__call__
+    monkeypatch.setattr(runners.EngineRunner, "__call__", lambda self, *a, **k: calls.append(a[1]) or real(self, *a, **k))
+    run_bench(tmp_path, "--methods", "tidar", "--warmup", "2")
+    assert len(calls) == 2 + 2  # two warm-ups, then the two prompts
+    calls.clear()
+    report = run_bench(tmp_path, "--methods", "tidar", "--warmup", "0")
+    assert len(calls) == 2 and report["config"]["warmup"] == 0
+
+
+def test_bench_limit_takes_the_first_prompts(rt, tmp_path):
+    report = run_bench(tmp_path, "--methods", "ar", "--limit", "1")
+    assert report["prompts"] == 1
+
+
+PROBLEMS = [{"task_id": f"t/{i}", "prompt": f"def f{i}(x):\n", "test": "def check(c):\n    pass\n",
+             "entry_point": f"f{i}"} for i in range(3)]
+
+
+def test_eval_humaneval_limit_timeout_exec_and_tokens(rt, tmp_path, monkeypatch):
+    seen = {}
+
+    def check(problems, completions, timeout, backend):
+        seen.update(n=len(problems), timeout=timeout, backend=backend, longest=max(len(c) for c in completions))
+        return [{"passed": True, "result": "passed"} for _ in problems]
+
+    monkeypatch.setattr(evaluate, "humaneval_problems", lambda: PROBLEMS)
+    monkeypatch.setattr(evaluate, "check_completions", check)
+    out = tmp_path / "he.json"
+    assert eval_main(["humaneval", "--methods", "ar,tidar", "--limit", "2", "--timeout", "3.5", "--exec", "subprocess",
+                      "--max-new-tokens", "6", "--no-progress", "--json", str(out)]) == 0
+    assert seen == {"n": 2, "timeout": 3.5, "backend": "subprocess", "longest": seen["longest"]}
+    assert seen["longest"] <= 6  # CharTokenizer: one character per token
+    report = json.loads(out.read_text())
+    assert report["problems"] == 2 and report["timeout_s"] == 3.5 and report["exec_backend"] == "subprocess"
+    assert report["methods"]["tidar"]["matches_ar"] == 1.0
+    assert eval_main(["humaneval", "--timeout", "0"]) == 2
+
+
+def test_eval_ppl_batch_size_and_max_batches(tmp_path):
+    from tidar.train.shards import build_shards
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(" ".join("".join(rng.choice(list("abcdefgh"), 4)) for _ in range(200)))
+    build_shards([str(corpus)], CharTokenizer(), tmp_path / "shards", val_fraction=0.5, progress=False)
+    save_pretrained(tiny_model(seed=4), tmp_path / "model")
+
+    def ppl(*argv: str) -> dict:
+        out = tmp_path / "ppl.json"
+        assert eval_main(["ppl", "--data", str(tmp_path / "shards"), "--model", str(tmp_path / "model"),
+                          "--seq-len", "16", "--json", str(out), *argv]) == 0
+        return json.loads(out.read_text())
+
+    full, capped = ppl("--batch-size", "2"), ppl("--batch-size", "2", "--max-batches", "3")
+    assert capped["batches"] == 3 and capped["tokens"] == 3 * 2 * 15 and full["batches"] > 3
+    assert ppl("--batch-size", "1", "--max-batches", "3")["tokens"] == 3 * 15
