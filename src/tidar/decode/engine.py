@@ -19,7 +19,7 @@ import torch
 
 from tidar.decode import step
 from tidar.decode.accept import greedy_accept, speculative_accept
-from tidar.decode.drafters import Draft, DraftContext, DraftPolicy
+from tidar.decode.drafters import DraftContext, DraftPolicy
 from tidar.decode.drafters.datastore import Datastore, DatastoreDrafter
 from tidar.decode.drafters.diffusion import DiffusionDrafter, DraftGate
 from tidar.decode.drafters.lookup import LookupDrafter
@@ -164,7 +164,7 @@ class Decoder:
         n_draft = st.drafts.shape[1]
         blocks: tuple[int, ...] = ()
         if self.tidar and not (st.gate and st.gate.closed):
-            blocks = step.predraft_lengths(self.cfg.policy, self.b, n_draft, st.spans, st.sources, st.done)
+            blocks = step.predraft_lengths(self.cfg.policy, self.b, n_draft, st.lengths, st.sources, st.done)
         if st.gate:
             st.gate.tick()
         return self.layout(n_draft, blocks)
@@ -249,7 +249,7 @@ class Decoder:
         for i in range(len(bonus)):
             usable = max(self.b - 1 - int(shift[i]), 0)
             ctx = DraftContext(st.histories[i], block_logits[i] if block_logits is not None else None, usable)
-            drafts.append(self.policy.draft(i, ctx) if self.policy.sources else Draft([], "none"))
+            drafts.append(self.policy.draft(i, ctx))
         tokens, q, lengths = step.pack_drafts(bonus, drafts, self.model.config.vocab_size, self.cfg.do_sample)
         st.set_drafts(tokens, q, [d.source for d in drafts], lengths)
 

@@ -24,6 +24,7 @@ class BatchState:
     drafts: torch.Tensor | None = None  # (B, W): d_1 (committed, the bonus) then d_2..d_W to verify
     q: torch.Tensor | None = None  # (B, W, V) the distributions d_2.. were drawn from (sampling only)
     sources: list[str] = field(default_factory=list)  # where each sequence's d_2.. came from
+    lengths: list[int] = field(default_factory=list)  # each sequence's draft length (bonus included), padding aside
     done: list[bool] = field(default_factory=list)
     emitted: list[int] = field(default_factory=list)
 
@@ -32,18 +33,14 @@ class BatchState:
         self.done = [False] * B
         self.emitted = [0] * B
         self.sources = ["none"] * B
+        self.lengths = [1] * B
 
     @property
     def running(self) -> list[int]:
         return [i for i, d in enumerate(self.done) if not d]
 
-    @property
-    def spans(self) -> list[int]:
-        """Each sequence's draft length (the bonus token included), padding aside."""
-        return [int(n) for n in self._lengths]
-
     def set_drafts(self, drafts: torch.Tensor, q: torch.Tensor | None, sources: list[str], lengths: list[int]) -> None:
-        self.drafts, self.q, self.sources, self._lengths = drafts, q, sources, lengths
+        self.drafts, self.q, self.sources, self.lengths = drafts, q, sources, lengths
 
     def emit(self, i: int, toks: list[int], step: bool = True) -> list[int]:
         """Sequence i's new tokens, cut at EOS (kept) or max_new_tokens; nothing after that."""
