@@ -233,7 +233,8 @@ class Decoder:
         for i in range(len(st.done)):
             if not st.done[i]:
                 st.stats.acceptance_histogram[int(a[i]) - 1] += 1
-                st.stats.accepted_drafts[st.sources[i]] += int(a[i]) - 1
+                for source in st.accepted_sources(i, int(a[i])):
+                    st.stats.accepted_drafts[source] += 1
             out.append(self._emit(st, i, st.drafts[i, 1: int(a[i])].tolist() + [int(bonus[i])]))
         if st.gate:
             st.gate.update(a, st.sources, st.done)
@@ -243,7 +244,7 @@ class Decoder:
                      shift: torch.Tensor) -> None:
         """Each sequence's next draft [bonus, d_2..] from the policy over the draft sources."""
         if not self.tidar:
-            st.set_drafts(bonus[:, None], None, ["none"] * len(bonus), [1] * len(bonus))
+            st.set_drafts(bonus[:, None], None, ["none"] * len(bonus), [1] * len(bonus), [[] for _ in bonus])
             return
         drafts = []
         for i in range(len(bonus)):
@@ -251,7 +252,7 @@ class Decoder:
             ctx = DraftContext(st.histories[i], block_logits[i] if block_logits is not None else None, usable)
             drafts.append(self.policy.draft(i, ctx))
         tokens, q, lengths = step.pack_drafts(bonus, drafts, self.model.config.vocab_size, self.cfg.do_sample)
-        st.set_drafts(tokens, q, [d.source for d in drafts], lengths)
+        st.set_drafts(tokens, q, [d.source for d in drafts], lengths, [d.sources() for d in drafts])
 
     def _emit(self, st: BatchState, i: int, toks: list[int], step: bool = True) -> list[int]:
         out = st.emit(i, toks, step)

@@ -25,6 +25,7 @@ class BatchState:
     q: torch.Tensor | None = None  # (B, W, V) the distributions d_2.. were drawn from (sampling only)
     sources: list[str] = field(default_factory=list)  # where each sequence's d_2.. came from
     lengths: list[int] = field(default_factory=list)  # each sequence's draft length (bonus included), padding aside
+    token_sources: list[list[str]] = field(default_factory=list)  # per sequence, where each of d_2.. came from
     done: list[bool] = field(default_factory=list)
     emitted: list[int] = field(default_factory=list)
 
@@ -34,13 +35,20 @@ class BatchState:
         self.emitted = [0] * B
         self.sources = ["none"] * B
         self.lengths = [1] * B
+        self.token_sources = [[] for _ in range(B)]
 
     @property
     def running(self) -> list[int]:
         return [i for i, d in enumerate(self.done) if not d]
 
-    def set_drafts(self, drafts: torch.Tensor, q: torch.Tensor | None, sources: list[str], lengths: list[int]) -> None:
-        self.drafts, self.q, self.sources, self.lengths = drafts, q, sources, lengths
+    def set_drafts(self, drafts: torch.Tensor, q: torch.Tensor | None, sources: list[str], lengths: list[int],
+                   token_sources: list[list[str]]) -> None:
+        self.drafts, self.q, self.sources, self.lengths, self.token_sources = drafts, q, sources, lengths, token_sources
+
+    def accepted_sources(self, i: int, accepted: int) -> list[str]:
+        """Where sequence i's accepted draft tokens d_2..d_a came from ("none": batch padding)."""
+        known = self.token_sources[i][: accepted - 1]
+        return known + ["none"] * (accepted - 1 - len(known))
 
     def emit(self, i: int, toks: list[int], step: bool = True) -> list[int]:
         """Sequence i's new tokens, cut at EOS (kept) or max_new_tokens; nothing after that."""

@@ -19,8 +19,12 @@ SOURCES = ("diffusion", "lookup", "datastore", "none")  # "none": no draft (the 
 @dataclass
 class Draft:
     tokens: list[int]  # d_2.. : proposed tokens after the bonus token d_1
-    source: str
+    source: str  # where the draft starts from (what the gate and the step layout look at)
     q: torch.Tensor | None = None  # (len(tokens), V) what each token was drawn from; None = one-hot (a copy)
+    token_sources: list[str] | None = None  # per token, where a combined draft differs; None = all `source`
+
+    def sources(self) -> list[str]:
+        return self.token_sources or [self.source] * len(self.tokens)
 
 
 @dataclass
@@ -92,4 +96,4 @@ def overlay(base: Draft | None, copy: Draft) -> Draft:
     if base.q is not None:
         q = base.q.clone()
         q[:k] = torch.nn.functional.one_hot(torch.tensor(copy.tokens), q.shape[-1]).to(q.dtype)
-    return Draft(copy.tokens + base.tokens[k:], copy.source, q)
+    return Draft(copy.tokens + base.tokens[k:], copy.source, q, copy.sources() + base.sources()[k:])
