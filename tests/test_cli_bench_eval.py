@@ -50,12 +50,31 @@ def test_spec_draft_model_is_loaded_from_its_directory(rt, tmp_path, monkeypatch
     assert report["methods"]["spec"]["matches_ar"] == 1.0
 
 
-def test_diffusion_threshold_sets_how_many_tokens_a_forward_unmasks(rt, tmp_path):
-    strict = run_bench(tmp_path, "--methods", "ar,diffusion", "--threshold", "1.0", "--block-size", "3")
-    loose = run_bench(tmp_path, "--methods", "ar,diffusion", "--threshold", "0.000001", "--block-size", "3")
-    assert strict["methods"]["diffusion"]["tokens_per_forward"] == 1.0  # one token per forward
-    assert loose["methods"]["diffusion"]["tokens_per_forward"] > 2.0  # a whole block per forward, nearly
-    assert bench_main(["--prompts", str(tmp_path / "p.jsonl"), "--threshold", "0"]) == 2
+def test_diffusion_thresholds_set_how_many_tokens_a_forward_unmasks(rt, tmp_path):
+    one = run_bench(tmp_path, "--methods", "ar,diffusion", "--thresholds", "1.0", "--block-size", "3")
+    assert one["methods"]["diffusion"]["tokens_per_forward"] == 1.0  # one token per forward
+    both = run_bench(tmp_path, "--methods", "ar,diffusion", "--thresholds", "1.0,0.000001", "--block-size", "3")
+    assert set(both["methods"]) == {"ar", "diffusion-t1", "diffusion-t1e-06"}
+    assert both["methods"]["diffusion-t1"]["tokens_per_forward"] == 1.0
+    assert both["methods"]["diffusion-t1e-06"]["tokens_per_forward"] > 2.0  # a whole block per forward, nearly
+    assert bench_main(["--prompts", str(tmp_path / "p.jsonl"), "--thresholds", "0"]) == 2
+
+
+def test_tidar_diffusion_sweeps_block_sizes_and_policies_without_copy_drafts(rt, tmp_path):
+    report = run_bench(tmp_path, "--methods", "ar,tidar,tidar-diffusion", "--block-sizes", "2,3", "--policies",
+                       "all,full", "--lookup-ngram", "2")
+    runs = {"tidar-diffusion-b2-all": (2, "all"), "tidar-diffusion-b2-full": (2, "full"),
+            "tidar-diffusion-b3-all": (3, "all"), "tidar-diffusion-b3-full": (3, "full")}
+    assert set(report["methods"]) == {"ar", "tidar", *runs}
+    for name, (b, policy) in runs.items():
+        m = report["methods"][name]
+        assert m["matches_ar"] == 1.0 and len(m["acceptance_histogram"]) == b
+        blocks = b if policy == "all" else min(2, b)
+        assert m["query_tokens_per_forward"] == b + b * blocks  # every step pre-drafts: no gate, no copies
+        assert set(m["accepted_drafts"]) <= {"diffusion", "lookup", "datastore", "none"}
+        assert m["accepted_drafts"]["lookup"] == 0 and m["accepted_drafts"]["datastore"] == 0
+    assert bench_main(["--prompts", str(tmp_path / "p.jsonl"), "--block-sizes", "0"]) == 2
+    assert bench_main(["--prompts", str(tmp_path / "p.jsonl"), "--policies", "topk"]) == 2
 
 
 def test_warmup_is_the_number_of_untimed_generations_per_method(rt, tmp_path, monkeypatch):
@@ -118,3 +137,15 @@ def test_eval_ppl_batch_size_and_max_batches(tmp_path):
     full, capped = ppl("--batch-size", "2"), ppl("--batch-size", "2", "--max-batches", "3")
     assert capped["batches"] == 3 and capped["tokens"] == 3 * 2 * 15 and full["batches"] > 3
     assert ppl("--batch-size", "1", "--max-batches", "3")["tokens"] == 3 * 15
+
+
+def test_eval_humaneval_reports_pass_at_1_per_swept_run(rt, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "humaneval_problems", lambda: PROBLEMS)
+    monkeypatch.setattr(evaluate, "check_completions",
+                        lambda problems, completions, timeout, backend: [{"passed": True, "result": "ok"} for _ in problems])
+    out = tmp_path / "he.json"
+    assert eval_main(["humaneval", "--methods", "ar,tidar-diffusion", "--block-sizes", "2,3", "--max-new-tokens", "6",
+                      "--exec", "subprocess", "--no-progress", "--json", str(out)]) == 0
+    methods = json.loads(out.read_text())["methods"]
+    assert set(methods) == {"ar", "tidar-diffusion-b2", "tidar-diffusion-b3"}
+    assert all(m["pass@1"] == 1.0 and m["matches_ar"] == 1.0 for m in methods.values())

@@ -181,3 +181,17 @@ def test_generate_chat_needs_a_chat_template(monkeypatch, capsys):
     monkeypatch.setattr("tidar.runtime.chat_ids", lambda tok, msgs: [5, 6] + tok.encode(msgs[0]["content"]))
     assert main(["generate", "--prompt", "abc", "--chat", "--json", "--max-new-tokens", "4"]) == 0
     assert len(json.loads(capsys.readouterr().out)["tokens"]) == 4
+
+
+def test_generate_diffusion_only_turns_off_copy_drafts_and_the_gate(monkeypatch, capsys):
+    rt = tiny_runtime()
+    rt.operating_point = {"block_size": 3, "policy": "full", "lookup_ngram": 2, "min_draft_gain": 0.5}
+    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, *a, **k: rt))
+    assert main(["generate", "--prompt", "abcabcabcabc", "--json", "--max-new-tokens", "16", "--diffusion-only"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["query_tokens"] == stats["forwards"] * (3 + 3 * 3)  # policy all, a block every step
+    assert stats["accepted_drafts"]["lookup"] == 0 and stats["plain_forwards"] == 0
+    assert main(["generate", "--prompt", "abc", "--json", "--max-new-tokens", "8", "--diffusion-only",
+                 "--policy", "full"]) == 0  # an explicit flag wins over the preset
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["query_tokens"] == stats["forwards"] * (3 + 2 * 3)

@@ -11,9 +11,12 @@ from tidar.cli.args import (
     Parser,
     add_generation_args,
     dtype_arg,
+    float_list,
     generation_overrides,
+    int_list,
     positive_int,
     run_command,
+    str_list,
 )
 from tidar.decode.options import options
 from tidar.measure.bench import benchmark, check_options, format_table
@@ -38,7 +41,12 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-layers", type=positive_int, default=None,
                    help="spec: use the target's first N layers as the draft (when no --draft-model)")
     p.add_argument("--gamma", type=positive_int, default=4, help="spec: draft tokens per step (default 4)")
-    p.add_argument("--threshold", type=float, default=0.9, help="diffusion: confidence threshold (default 0.9)")
+    p.add_argument("--thresholds", type=float_list, default=[0.9],
+                   help="diffusion: confidence thresholds, one run each (default 0.9)")
+    p.add_argument("--block-sizes", type=int_list, default=[],
+                   help="tidar-diffusion: one run per block size, e.g. 2,3,4 (default: the engine's)")
+    p.add_argument("--policies", type=str_list, default=[],
+                   help="tidar-diffusion: one run per policy, e.g. all,full (default: all, the paper's)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up generations per method (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -46,7 +54,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(model=args.model, dtype=args.dtype, threads=args.threads, compile=args.compile,
                         engine=generation_overrides(args, ENGINE_FLAGS), draft_model=args.draft_model,
-                        draft_layers=args.draft_layers, threshold=args.threshold, gamma=args.gamma, warmup=args.warmup)
+                        draft_layers=args.draft_layers, thresholds=tuple(args.thresholds), gamma=args.gamma,
+                        warmup=args.warmup, block_sizes=tuple(args.block_sizes), policies=tuple(args.policies))
 
 
 def build_parser() -> Parser:

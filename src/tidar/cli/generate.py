@@ -16,6 +16,7 @@ from tidar.cli.args import (
     run_command,
     setup_torch,
 )
+from tidar.decode.options import DIFFUSION_ONLY
 from tidar.runtime import Runtime
 
 
@@ -25,6 +26,9 @@ def build_parser() -> Parser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"}')
     g.add_argument("--stream", action="store_true", help="print text as it is committed")
+    g.add_argument("--diffusion-only", action="store_true",
+                   help="TiDAR as in the paper: diffusion drafts only (no prompt lookup, no datastore, no gate, "
+                        "policy all); explicit flags still win")
     g.add_argument("--stop", action="append", default=[],
                    help="end the text before this string (repeatable); the stop string is not printed")
     add_model_args(g)
@@ -37,7 +41,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError("--prompt is empty: give the text to continue")
     setup_torch(args.threads)
     rt = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)
-    gen = rt.generation_config(**generation_overrides(args))
+    preset = DIFFUSION_ONLY if args.diffusion_only else {}
+    gen = rt.generation_config(**{**preset, **generation_overrides(args)})
     stream = sys.stdout if (args.stream and not args.json) else None
     result = rt.generate_text(args.prompt, gen, chat=args.chat, stop=args.stop, stream=stream)
     if args.json:

@@ -79,6 +79,10 @@ class GenerationConfig:
             raise GenerationError("temperature must be > 0 when sampling (use do_sample=False for greedy)")
 
 
+# TiDAR as in the paper: diffusion drafts only (no copy drafts, no gate), a block for every acceptance
+# length. One flag of `tidar generate` (--diffusion-only) and the bench method `tidar-diffusion`.
+DIFFUSION_ONLY: dict[str, Any] = {"lookup_ngram": 0, "datastore_tokens": 0, "min_draft_gain": 0.0, "policy": "all"}
+
 _HINTS: dict[str, Any] = {}
 
 

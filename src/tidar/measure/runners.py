@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tidar.decode import TextStreamer, generate
+from tidar.decode.options import DIFFUSION_ONLY
 from tidar.measure import baselines
 from tidar.measure.prompts import BenchError
 from tidar.model.weights import (
@@ -31,7 +32,8 @@ from tidar.model.weights import (
 )
 from tidar.runtime import DTYPE
 
-METHODS = ("ar", "tidar", "tidar-no-datastore", "tidar-learn", "diffusion", "spec", "hf", "hf-lookup", "llamacpp", "llamacpp-lookup")
+METHODS = ("ar", "tidar", "tidar-diffusion", "tidar-no-datastore", "tidar-learn", "diffusion", "spec", "hf", "hf-lookup",
+           "llamacpp", "llamacpp-lookup")
 
 
 ENGINE_METHODS = ("ar", "tidar")
@@ -69,13 +71,16 @@ class BenchOptions:
     engine: dict[str, Any] = field(default_factory=dict)  # GenerationConfig overrides for ar/tidar methods
     draft_model: str | None = None  # spec: draft model directory
     draft_layers: int | None = None  # spec: draft = the target's first N layers (when no draft_model)
-    threshold: float = 0.9  # diffusion: confidence threshold
+    thresholds: tuple[float, ...] = (0.9,)  # diffusion: confidence thresholds, one run each
+    block_sizes: tuple[int, ...] = ()  # tidar-diffusion: one run per block size (empty: the engine's)
+    policies: tuple[str, ...] = ()  # tidar-diffusion: one run per policy (empty: "all", the paper's)
     gamma: int = 4  # spec: draft tokens per step
     warmup: int = 1  # warm-up generations per method
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.engine, "draft_model": self.draft_model, "draft_layers": self.draft_layers,
-                "threshold": self.threshold, "gamma": self.gamma, "warmup": self.warmup,
+                "thresholds": list(self.thresholds),
+                "block_sizes": list(self.block_sizes), "policies": list(self.policies), "gamma": self.gamma, "warmup": self.warmup,
                 "baseline_lookup_tokens": LOOKUP_TOKENS}
 
 
@@ -303,33 +308,53 @@ def learning_generate(store: Any) -> Callable[..., Any]:
     return fn
 
 
+def method_runs(methods: Sequence[str], opts: BenchOptions) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Run name -> (method, its parameters): `tidar-diffusion` once per swept block size and policy
+    (`tidar-diffusion-b3`, `-full`), `diffusion` once per threshold when several (`diffusion-t0.7`)."""
+    runs: dict[str, tuple[str, dict[str, Any]]] = {}
+    for m in methods:
+        if m == "tidar-diffusion":
+            for b in opts.block_sizes or (None,):
+                for policy in opts.policies or ("all",):
+                    name = m + (f"-b{b}" if b else "") + (f"-{policy}" if len(opts.policies) > 1 else "")
+                    runs[name] = (m, {"block_size": b, "policy": policy})
+        elif m == "diffusion" and len(opts.thresholds) > 1:
+            runs.update({f"{m}-t{t:g}": (m, {"threshold": t}) for t in opts.thresholds})
+        else:
+            runs[m] = (m, {"threshold": opts.thresholds[0]} if m == "diffusion" else {})
+    return runs
+
+
 def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_len: int = 4096) -> dict[str, Runner]:
     """Load what each method needs (timed nothing yet). `max_len` bounds prompt + new tokens."""
     engine = dict(opts.engine)
     runners: dict[str, Runner] = {}
-    for m in methods:
+    for name, (m, params) in method_runs(methods, opts).items():
         if m == "ar":  # plain AR: no prompt-lookup bookkeeping even if the operating point has it
-            runners[m] = EngineRunner(runtime, {"mode": "ar", "lookup_ngram": 0})
+            runners[name] = EngineRunner(runtime, {"mode": "ar", "lookup_ngram": 0})
         elif m == "tidar":
-            runners[m] = EngineRunner(runtime, {"mode": "tidar", **engine})
+            runners[name] = EngineRunner(runtime, {"mode": "tidar", **engine})
+        elif m == "tidar-diffusion":  # the paper's TiDAR: diffusion drafts only
+            overrides = {"mode": "tidar", **engine, **DIFFUSION_ONLY, **{k: v for k, v in params.items() if v}}
+            runners[name] = EngineRunner(runtime, overrides)
         elif m == "tidar-no-datastore":  # the same without the datastore's drafts, to show their share
-            runners[m] = EngineRunner(runtime, {"mode": "tidar", **engine, "datastore_tokens": 0})
+            runners[name] = EngineRunner(runtime, {"mode": "tidar", **engine, "datastore_tokens": 0})
         elif m == "tidar-learn":  # the datastore also learns each output, as `tidar serve --learn` does
             if runtime.datastore is None:
                 raise BenchError(f"method 'tidar-learn' needs a model with a datastore; {runtime.name} has none")
-            runners[m] = EngineRunner(runtime, {"mode": "tidar", **engine}, learning_generate(runtime.datastore.fork()))
+            runners[name] = EngineRunner(runtime, {"mode": "tidar", **engine}, learning_generate(runtime.datastore.fork()))
         elif m == "diffusion":
             fn = baselines.diffusion_generate
-            runners[m] = EngineRunner(
+            runners[name] = EngineRunner(
                 runtime, {"mode": "tidar", "block_size": engine.get("block_size")},
-                lambda model, ps, cfg, _cb, fn=fn: fn(model, ps, cfg, threshold=opts.threshold), streams_stop=False)
+                lambda model, ps, cfg, _cb, fn=fn, t=params["threshold"]: fn(model, ps, cfg, threshold=t), streams_stop=False)
         elif m == "spec":
             fn = baselines.spec_generate
             if opts.draft_model:
                 draft = load_model(opts.draft_model, dtype=DTYPE[opts.dtype])
             else:
                 draft = baselines.truncated_draft(runtime.model, opts.draft_layers)
-            runners[m] = EngineRunner(
+            runners[name] = EngineRunner(
                 runtime, {"mode": "ar", "lookup_ngram": 0},
                 lambda model, ps, cfg, _cb, fn=fn, draft=draft: fn(model, draft, ps, cfg, gamma=opts.gamma),
                 streams_stop=False)
