@@ -231,10 +231,11 @@ def format_table(methods: dict[str, dict[str, Any]]) -> str:
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    rows = [f"{'method':<16} {'tok/s':>9} {'tok/fwd':>8} {'speedup':>8} {'matches_ar':>10} {'mean acc':>9} "
+    w = max([16, *map(len, methods)])
+    rows = [f"{'method':<{w}} {'tok/s':>9} {'tok/fwd':>8} {'speedup':>8} {'matches_ar':>10} {'mean acc':>9} "
             f"{'rows/fwd':>9}"]
     for name, e in methods.items():
-        rows.append(f"{name:<16} {f(e['tokens_per_s'], '.1f'):>9} {f(e['tokens_per_forward'], '.2f'):>8} "
+        rows.append(f"{name:<{w}} {f(e['tokens_per_s'], '.1f'):>9} {f(e['tokens_per_forward'], '.2f'):>8} "
                     f"{f(e['speedup_vs_ar'], '.2f'):>8} {f(e['matches_ar'], '.2f'):>10} "
                     f"{f(e['mean_acceptance'], '.2f'):>9} {f(e.get('query_tokens_per_forward'), '.1f'):>9}")
     return "\n".join(rows)

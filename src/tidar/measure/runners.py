@@ -149,7 +149,8 @@ def run_from_output(out: Any, wall_s: float) -> Run:
     dropped = max(st.generated_tokens - len(toks), 0)  # emitted by the last step past a stop string
     decode = st.step_tokens if st.step_tokens else max(len(toks) - 1, 0)
     hist = list(st.acceptance_histogram) if st.acceptance_histogram else None
-    return Run(toks, wall_s, st.forwards, max(decode - dropped, 0), hist, st.query_tokens,
+    # the baselines count no rows (query_tokens 0): unknown, not zero
+    return Run(toks, wall_s, st.forwards, max(decode - dropped, 0), hist, st.query_tokens or None,
                dict(getattr(st, "accepted_drafts", {})) or None)
 
 
