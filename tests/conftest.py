@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from tidar.model.config import TidarConfig
 from tidar.model.transformer import Transformer
+from tidar.model.weights import save_pretrained
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -28,3 +33,29 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
 @pytest.fixture
 def model() -> Transformer:
     return tiny_model()
+
+
+# -- tiny training data and a tiny base checkpoint (the trainer's and its CLI's tests) ---------------
+def make_shards(directory: Path, vocab: int = 97, n_train: int = 3000, n_val: int = 600) -> Path:
+    """Written directly in the data.TokenShards layout: a learnable pattern (+20% noise)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", n_train), ("val", n_val)):
+        pattern = np.arange(n) * 7 % vocab
+        toks = np.where(rng.random(n) < 0.2, rng.integers(0, vocab, n), pattern).astype(np.uint16)
+        toks.tofile(directory / f"{name}.bin")
+    index = {"format": 1, "dtype": "uint16", "vocab_size": vocab, "eos_id": 0,
+             "train": {"tokens": n_train, "files": []}, "val": {"tokens": n_val, "files": []}}
+    (directory / "index.json").write_text(json.dumps(index))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 'pretrained' checkpoint for adapter mode."""
+    return save_pretrained(tiny_model(seed=3), tmp_path_factory.mktemp("base") / "tiny")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 from tidar.cli.train import main as train_main
 from tidar.masks import tidar_training_mask
 from tidar.model.config import AdapterConfig
-from tidar.model.weights import load_model, save_pretrained
+from tidar.model.weights import load_model
 from tidar.train import trainer
 from tidar.train.config import TrainConfig, check_config
 from tidar.train.distributed import Dist, dist_from_env
@@ -35,29 +34,6 @@ SCRATCH = "scratch:" + json.dumps({k: getattr(TINY, k) for k in (
 CLOCK = ("tokens_per_s", "elapsed_s")
 
 
-def make_shards(directory: Path, vocab: int = 97, n_train: int = 3000, n_val: int = 600) -> Path:
-    """Written directly in the data.TokenShards layout: a learnable pattern (+20% noise)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for name, n in (("train", n_train), ("val", n_val)):
-        pattern = np.arange(n) * 7 % vocab
-        toks = np.where(rng.random(n) < 0.2, rng.integers(0, vocab, n), pattern).astype(np.uint16)
-        toks.tofile(directory / f"{name}.bin")
-    index = {"format": 1, "dtype": "uint16", "vocab_size": vocab, "eos_id": 0,
-             "train": {"tokens": n_train, "files": []}, "val": {"tokens": n_val, "files": []}}
-    (directory / "index.json").write_text(json.dumps(index))
-    return directory
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("shards"))
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny 'pretrained' checkpoint for adapter mode."""
-    return save_pretrained(tiny_model(seed=3), tmp_path_factory.mktemp("base") / "tiny")
 
 
 def adapter_model(seed: int = 0) -> torch.nn.Module:

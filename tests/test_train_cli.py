@@ -7,24 +7,11 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_train import cfg_for, make_shards, records
+from test_train import cfg_for, records
 
 from tidar.cli.export import main as export_main
 from tidar.cli.train import main as train_main
 from tidar.model import weights
-from tidar.model.weights import save_pretrained
-
-
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("shards"))
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import tiny_model
-
-    return save_pretrained(tiny_model(seed=3), tmp_path_factory.mktemp("base") / "tiny")
 
 
 def write_config(path: Path, tmp: Path, shards: Path, **kw) -> Path:
@@ -45,10 +32,10 @@ def dry_run_config(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
 # -- tidar train -----------------------------------------------------------------------------------
 
 
-def test_train_config_file_and_both_kinds_of_override(tmp_path: Path, shard_dir: Path, capsys) -> None:
-    config = write_config(tmp_path / "c.json", tmp_path, shard_dir, lr=2e-3, max_steps=7)
+def test_train_config_file_and_both_kinds_of_override(tmp_path: Path, shards: Path, capsys) -> None:
+    config = write_config(tmp_path / "c.json", tmp_path, shards, lr=2e-3, max_steps=7)
     cfg = dry_run_config(capsys, ["--config", str(config)])
-    assert cfg["lr"] == 2e-3 and cfg["max_steps"] == 7 and cfg["data"] == str(shard_dir)  # --config read
+    assert cfg["lr"] == 2e-3 and cfg["max_steps"] == 7 and cfg["data"] == str(shards)  # --config read
     # --set (repeatable) and positional KEY=VALUE both override the file; positional ones come last
     cfg = dry_run_config(capsys, ["--config", str(config), "--set", "max_steps=9", "--set", "seed=4", "lr=3e-3",
                                   "--set", "lr=1e-3"])
@@ -57,8 +44,8 @@ def test_train_config_file_and_both_kinds_of_override(tmp_path: Path, shard_dir:
     assert capsys.readouterr().err.strip().startswith("error: config file")
 
 
-def test_train_dry_run_validates_and_trains_nothing(tmp_path: Path, shard_dir: Path, capsys) -> None:
-    config = write_config(tmp_path / "c.json", tmp_path, shard_dir)
+def test_train_dry_run_validates_and_trains_nothing(tmp_path: Path, shards: Path, capsys) -> None:
+    config = write_config(tmp_path / "c.json", tmp_path, shards)
     assert train_main(["--config", str(config), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[: out.index("\nok: model ")])["objective"] == "tidar"
@@ -71,12 +58,12 @@ def test_train_dry_run_validates_and_trains_nothing(tmp_path: Path, shard_dir: P
     assert err.startswith("error: invalid training setup") and "index.json not found" in err and "Traceback" not in err
 
 
-def test_train_resume_continues_from_the_latest_checkpoint(tmp_path: Path, shard_dir: Path, capsys) -> None:
+def test_train_resume_continues_from_the_latest_checkpoint(tmp_path: Path, shards: Path, capsys) -> None:
     kw = dict(grad_accum=2, save_every=2, keep_checkpoints=2)
-    straight = write_config(tmp_path / "a.json", tmp_path / "a", shard_dir, **kw)
+    straight = write_config(tmp_path / "a.json", tmp_path / "a", shards, **kw)
     assert train_main(["--config", str(straight)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"done: step 6, out dir {tmp_path / 'a' / 'run'}"
-    split = write_config(tmp_path / "b.json", tmp_path / "b", shard_dir, **kw)
+    split = write_config(tmp_path / "b.json", tmp_path / "b", shards, **kw)
     # nothing to resume yet: --resume refuses instead of starting over
     assert train_main(["--config", str(split), "--resume"]) == 2
     assert "--resume given but" in capsys.readouterr().err
@@ -101,9 +88,9 @@ def test_train_resume_continues_from_the_latest_checkpoint(tmp_path: Path, shard
 
 
 @pytest.fixture(scope="module")
-def adapter_run(tmp_path_factory: pytest.TempPathFactory, shard_dir: Path, tiny_base: Path) -> Path:
+def adapter_run(tmp_path_factory: pytest.TempPathFactory, shards: Path, base_dir: Path) -> Path:
     tmp = tmp_path_factory.mktemp("adapter")
-    config = write_config(tmp / "c.json", tmp, shard_dir, init=str(tiny_base), mode="adapter", adapter_rank=4,
+    config = write_config(tmp / "c.json", tmp, shards, init=str(base_dir), mode="adapter", adapter_rank=4,
                           adapter_alpha=8.0, max_steps=2, eval_every=0, save_every=2)
     assert train_main(["--config", str(config)]) == 0
     return tmp / "run"
@@ -155,8 +142,8 @@ def test_export_operating_point(tmp_path: Path, adapter_run: Path, capsys) -> No
         assert err.startswith("error: operating point") and len(err.strip().splitlines()) == 1
 
 
-def test_export_data_records_the_training_data(tmp_path: Path, adapter_run: Path, shard_dir: Path, capsys) -> None:
-    index = json.loads((shard_dir / "index.json").read_text())
+def test_export_data_records_the_training_data(tmp_path: Path, adapter_run: Path, shards: Path, capsys) -> None:
+    index = json.loads((shards / "index.json").read_text())
     index.update(sources=["corpus"], seed=5)
     data = tmp_path / "data"
     data.mkdir()
