@@ -11,11 +11,11 @@ from tidar.cli.args import (
     Parser,
     dtype_arg,
     non_negative_int,
-    parse_or_exit_code,
     positive_int,
-    run_reporting_errors,
+    run_command,
     setup_torch,
 )
+from tidar.train.errors import DataError
 
 
 def _fraction(text: str) -> float:
@@ -161,9 +161,4 @@ COMMANDS = {"build": cmd_build, "generate": cmd_generate, "info": cmd_info}
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`tidar data build|generate|info ...`; returns 0, or 2 with one `error: ...` line on bad input."""
-    args = parse_or_exit_code(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    from tidar.train.errors import DataError
-
-    return run_reporting_errors(lambda: COMMANDS[args.cmd](args), DataError)
+    return run_command(build_parser(), argv, lambda args: COMMANDS[args.cmd](args), DataError)

@@ -7,7 +7,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from tidar.cli.args import Parser, parse_or_exit_code, run_reporting_errors
+from tidar.cli.args import Parser, run_command
+from tidar.train.errors import DataError, ExportError
 
 
 def build_parser() -> Parser:
@@ -40,9 +41,4 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`tidar export SRC ...`; returns 0, or 2 with one `error: ...` line on bad input."""
-    args = parse_or_exit_code(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    from tidar.train.errors import DataError, ExportError
-
-    return run_reporting_errors(lambda: cmd_export(args), ExportError, DataError, FileNotFoundError)
+    return run_command(build_parser(), argv, cmd_export, ExportError, DataError, FileNotFoundError)

@@ -36,7 +36,6 @@ METHODS = ("ar", "tidar", "tidar-diffusion", "tidar-no-datastore", "tidar-learn"
            "llamacpp", "llamacpp-lookup")
 
 
-ENGINE_METHODS = ("ar", "tidar")
 
 
 LOOKUP_TOKENS = 10  # hf-lookup / llamacpp-lookup: candidate tokens per step
