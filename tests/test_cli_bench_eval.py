@@ -77,6 +77,17 @@ def test_tidar_diffusion_sweeps_block_sizes_and_policies_without_copy_drafts(rt,
     assert bench_main(["--prompts", str(tmp_path / "p.jsonl"), "--policies", "topk"]) == 2
 
 
+def test_tidar_diffusion_sweeps_beta_and_only_beta_one_is_lossless(rt, tmp_path):
+    report = run_bench(tmp_path, "--methods", "ar,tidar-diffusion", "--block-sizes", "3", "--betas", "0,1")
+    methods = report["methods"]
+    assert set(methods) == {"ar", "tidar-diffusion-b3-beta0", "tidar-diffusion-b3-beta1"}
+    assert report["config"]["betas"] == [0.0, 1.0]
+    assert methods["tidar-diffusion-b3-beta1"]["matches_ar"] == 1.0
+    zero = methods["tidar-diffusion-b3-beta0"]  # every diffusion draft kept: b tokens per forward
+    assert zero["acceptance_histogram"][:2] == [0, 0] and zero["tokens_per_forward"] > 2.0
+    assert bench_main(["--prompts", str(tmp_path / "p.jsonl"), "--betas", "1.5"]) == 2
+
+
 def test_warmup_is_the_number_of_untimed_generations_per_method(rt, tmp_path, monkeypatch):
     calls = []
     real = runners.EngineRunner.__call__

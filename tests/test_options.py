@@ -130,23 +130,6 @@ def test_bench_engine_flags_reach_the_tidar_methods_only(tmp_path, monkeypatch, 
     assert report["methods"]["tidar"]["matches_ar"] == 1.0
 
 
-def test_beta_below_one_mixes_the_block_into_the_bonus_token():
-    """beta = 1 is AR's output; beta = 0 takes the bonus token from the [MASK] block drafted for its
-    position, which an untrained drafter gets wrong somewhere."""
-    from conftest import tiny_model
-    from test_decoding import ar, prompts
-
-    from tidar.decode import generate
-
-    model = tiny_model(seed=1)
-    ps = prompts(6, seed=2)
-    cfg = dict(max_new_tokens=16, block_size=3, policy="all")
-    lossless = [generate(model, [p], GenerationConfig(**cfg, beta=1.0)).sequences[0] for p in ps]
-    mixed = [generate(model, [p], GenerationConfig(**cfg, beta=0.0)).sequences[0] for p in ps]
-    assert lossless == [ar(model, [p], 16)[0] for p in ps]
-    assert mixed != lossless
-
-
 def test_generate_model_dtype_compile_threads_reach_the_runtime(monkeypatch, capsys):
     seen = {}
     rt = tiny_runtime()

@@ -47,6 +47,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="tidar-diffusion: one run per block size, e.g. 2,3,4 (default: the engine's)")
     p.add_argument("--policies", type=str_list, default=[],
                    help="tidar-diffusion: one run per policy, e.g. all,full (default: all, the paper's)")
+    p.add_argument("--betas", type=float_list, default=[],
+                   help="tidar-diffusion: one run per beta, e.g. 0,0.5,1 (the paper's Figure 6; default: --beta)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up generations per method (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -55,7 +57,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(model=args.model, dtype=args.dtype, threads=args.threads, compile=args.compile,
                         engine=generation_overrides(args, ENGINE_FLAGS), draft_model=args.draft_model,
                         draft_layers=args.draft_layers, thresholds=tuple(args.thresholds), gamma=args.gamma,
-                        warmup=args.warmup, block_sizes=tuple(args.block_sizes), policies=tuple(args.policies))
+                        warmup=args.warmup, block_sizes=tuple(args.block_sizes), policies=tuple(args.policies), betas=tuple(args.betas))
 
 
 def build_parser() -> Parser:

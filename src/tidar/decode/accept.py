@@ -1,7 +1,9 @@
 """The acceptance rules: which drafted tokens a step keeps, and the token after them.
 
-Greedy: a draft token stays while it equals the AR argmax. Sampling: rejection sampling against the
-AR distribution, so every committed token is distributed exactly as under AR sampling.
+Greedy: a draft token stays while it equals the target's argmax. Sampling: rejection sampling
+against the target distribution, so every committed token is distributed exactly as the target.
+The target is AR's (beta = 1, lossless) or, with beta < 1, AR mixed with the diffusion logits each
+token was drafted from (`mixed_target`, the paper's "trust AR / trust diffusion" ratio, §4.4.3).
 """
 
 from __future__ import annotations
@@ -9,6 +11,22 @@ from __future__ import annotations
 import torch
 
 from tidar.decode.sampling import sample
+
+
+def mixed_target(ar_logits: torch.Tensor, draft_logits: torch.Tensor, mixable: torch.Tensor, beta: float
+                 ) -> torch.Tensor:
+    """The logits each draft token is verified against: row j (the position after d_{j+1}) is
+    beta * AR + (1 - beta) * the diffusion logits d_{j+2} was drafted from, where it was drafted
+    by diffusion (`mixable`); AR alone elsewhere (copied tokens, padding, the row after the draft).
+
+    ar_logits (B, W, V): AR logits after each d_i; draft_logits (B, W, V): drafting logits of d_i
+    (column 0, the committed bonus token, is never read); mixable (B, W) bool.
+    """
+    if beta >= 1.0:
+        return ar_logits
+    ar_next = ar_logits[:, :-1]
+    mix = beta * ar_next + (1.0 - beta) * draft_logits[:, 1:].to(ar_next.dtype)
+    return torch.cat([torch.where(mixable[:, 1:, None], mix, ar_next), ar_logits[:, -1:]], dim=1)
 
 
 def greedy_accept(drafts: torch.Tensor, ar_next: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 
 from tidar.decode import step
-from tidar.decode.accept import greedy_accept, speculative_accept
+from tidar.decode.accept import greedy_accept, mixed_target, speculative_accept
 from tidar.decode.drafters import DraftContext, DraftPolicy
 from tidar.decode.drafters.datastore import Datastore, DatastoreDrafter
 from tidar.decode.drafters.diffusion import DiffusionDrafter, DraftGate
@@ -153,8 +153,6 @@ class Decoder:
         step.commit(st.cache, S, lay.num_tokens, a)
         st.n_committed += a
         block_logits, shift = self._block_logits(hidden, lay, a, all_logits)
-        rows = torch.arange(len(a))
-        bonus = self._bonus(ar_logits[rows, a - 1], block_logits, shift) if bonus is None or self.cfg.beta < 1 else bonus
         out = self._record(st, a, bonus)
         self._next_drafts(st, bonus, block_logits, shift)
         return out
@@ -199,14 +197,18 @@ class Decoder:
         st.drafts = nxt[:, None]
         return [self._emit(st, i, [int(nxt[i])]) for i in range(len(st.done))]
 
-    def _verify(self, st: BatchState, ar_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Acceptance lengths a (B,) in 1..W (1 for finished sequences), and the bonus token when
-        the sampling rule drew it."""
+    def _verify(self, st: BatchState, ar_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Acceptance lengths a (B,) in 1..W (1 for finished sequences) and the token after the
+        accepted drafts, both against the target: AR, or AR mixed with the drafts' own logits (beta)."""
+        target = ar_logits
+        if st.draft_logits is not None:
+            target = mixed_target(ar_logits, *st.draft_logits, self.cfg.beta)
         if self.cfg.do_sample:
-            a, bonus = speculative_accept(st.drafts, self._dist(ar_logits), st.q, self.generator)
-        else:
-            a, bonus = greedy_accept(st.drafts, ar_logits.argmax(-1)), None
-        return torch.where(torch.tensor(st.done), torch.ones_like(a), a), bonus
+            a, bonus = speculative_accept(st.drafts, self._dist(target), st.q, self.generator)
+            return torch.where(torch.tensor(st.done), torch.ones_like(a), a), bonus
+        choice = target.argmax(-1)
+        a = torch.where(torch.tensor(st.done), 1, greedy_accept(st.drafts, choice))
+        return a, choice[torch.arange(len(a)), a - 1]
 
     def _block_logits(self, hidden: torch.Tensor, lay: StepLayout, a: torch.Tensor,
                       all_logits: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -217,15 +219,6 @@ class Decoder:
         src, shift = step.block_rows(lay, a)
         rows = (torch.arange(len(a))[:, None], src.to(hidden.device))
         return (all_logits[rows] if all_logits is not None else self.logits(hidden[rows])), shift
-
-    def _bonus(self, ar_at: torch.Tensor, block_logits: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
-        """The token after the accepted drafts, from the AR logits after d_a, mixed with the block's
-        own logits for that position when beta < 1."""
-        beta = self.cfg.beta
-        if beta < 1.0 and block_logits is not None:
-            own = (shift == 0).unsqueeze(-1)  # the block drafted for exactly this position
-            ar_at = torch.where(own, beta * ar_at + (1 - beta) * block_logits[:, 0], ar_at)
-        return self._choose(ar_at)
 
     def _record(self, st: BatchState, a: torch.Tensor, bonus: torch.Tensor) -> list[list[int]]:
         """Statistics of the verified drafts, then each sequence's accepted tokens + the bonus."""
@@ -251,8 +244,10 @@ class Decoder:
             usable = max(self.b - 1 - int(shift[i]), 0)
             ctx = DraftContext(st.histories[i], block_logits[i] if block_logits is not None else None, usable)
             drafts.append(self.policy.draft(i, ctx))
-        tokens, q, lengths = step.pack_drafts(bonus, drafts, self.model.config.vocab_size, self.cfg.do_sample)
-        st.set_drafts(tokens, q, [d.source for d in drafts], lengths, [d.sources() for d in drafts])
+        vocab = self.model.config.vocab_size
+        tokens, q, lengths = step.pack_drafts(bonus, drafts, vocab, self.cfg.do_sample)
+        mix = step.pack_draft_logits(drafts, tokens.shape[1], vocab) if self.cfg.beta < 1 else None
+        st.set_drafts(tokens, q, [d.source for d in drafts], lengths, [d.sources() for d in drafts], mix)
 
     def _emit(self, st: BatchState, i: int, toks: list[int], step: bool = True) -> list[int]:
         out = st.emit(i, toks, step)

@@ -57,8 +57,10 @@ class GenerationConfig:
                                     request=True, tuned=True)
     policy: str = option("all", "which acceptance lengths get a pre-drafted [MASK] block: all (1..b) or full "
                                 "(1 and b)", choices=("all", "full"), tuned=True)
-    beta: float = option(1.0, "trust in the AR logits when choosing the bonus token (1 = lossless)",
-                         at_least=0, at_most=1)
+    beta: float = option(1.0, "trust in AR when verifying: each diffusion-drafted token is checked against "
+                              "beta * AR logits + (1 - beta) * the logits it was drafted from (1 = lossless, "
+                              "AR's output; 0 = every diffusion draft is kept; sampling follows the mixed "
+                              "distribution exactly)", at_least=0, at_most=1)
     lookup_ngram: int = option(0, "prompt lookup: draft what followed the context's last N tokens where they "
                                   "occurred earlier (0 = off)", at_least=0, tuned=True)
     lookup_tokens: int = option(0, "prompt lookup: longest copied draft after the committed token; may exceed "

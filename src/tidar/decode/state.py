@@ -23,6 +23,8 @@ class BatchState:
     gate: DraftGate | None = None  # None: [MASK] blocks are fed whenever drafting (min_draft_gain 0)
     drafts: torch.Tensor | None = None  # (B, W): d_1 (committed, the bonus) then d_2..d_W to verify
     q: torch.Tensor | None = None  # (B, W, V) the distributions d_2.. were drawn from (sampling only)
+    # (B, W, V) diffusion logits d_2.. were drafted from, and (B, W) where they exist (beta < 1 only)
+    draft_logits: tuple[torch.Tensor, torch.Tensor] | None = None
     sources: list[str] = field(default_factory=list)  # where each sequence's d_2.. came from
     lengths: list[int] = field(default_factory=list)  # each sequence's draft length (bonus included), padding aside
     token_sources: list[list[str]] = field(default_factory=list)  # per sequence, where each of d_2.. came from
@@ -42,8 +44,10 @@ class BatchState:
         return [i for i, d in enumerate(self.done) if not d]
 
     def set_drafts(self, drafts: torch.Tensor, q: torch.Tensor | None, sources: list[str], lengths: list[int],
-                   token_sources: list[list[str]]) -> None:
+                   token_sources: list[list[str]], draft_logits: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> None:
         self.drafts, self.q, self.sources, self.lengths, self.token_sources = drafts, q, sources, lengths, token_sources
+        self.draft_logits = draft_logits
 
     def accepted_sources(self, i: int, accepted: int) -> list[str]:
         """Where sequence i's accepted draft tokens d_2..d_a came from ("none": batch padding)."""

@@ -117,3 +117,17 @@ def pack_drafts(bonus: torch.Tensor, drafts: Sequence[Draft], vocab_size: int, s
         if d.q is not None:
             q[i, 1: lengths[i]] = d.q
     return out, q, lengths
+
+
+def pack_draft_logits(drafts: Sequence[Draft], width: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diffusion logits each packed draft token was drafted from, (B, W, V), and where there are
+    such logits, (B, W) bool: column 0 (the bonus), copied tokens and padding have none."""
+    logits = torch.zeros(len(drafts), width, vocab_size)
+    mixable = torch.zeros(len(drafts), width, dtype=torch.bool)
+    for i, d in enumerate(drafts):
+        if d.logits is None:
+            continue
+        rows = [j for j, s in enumerate(d.sources()) if s == "diffusion"]
+        logits[i, [1 + j for j in rows]] = d.logits[rows].float()
+        mixable[i, [1 + j for j in rows]] = True
+    return logits, mixable

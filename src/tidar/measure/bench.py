@@ -260,8 +260,10 @@ def check_options(opts: BenchOptions) -> None:
             check_option("block_size", b)
         for policy in opts.policies:
             check_option("policy", policy)
+        for beta in opts.betas:
+            check_option("beta", beta)
     except GenerationError as e:
-        raise BenchError(f"--block-sizes/--policies: {e}") from None
+        raise BenchError(f"--block-sizes/--policies/--betas: {e}") from None
     if opts.model is not None and opts.model not in ("smollm2", "base") and not Path(opts.model).exists():
         raise BenchError(f"model path {opts.model} does not exist (give a checkpoint directory, or 'smollm2')")
 

@@ -7,7 +7,9 @@ terms), transformers' `generate` and llama.cpp.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -73,13 +75,15 @@ class BenchOptions:
     thresholds: tuple[float, ...] = (0.9,)  # diffusion: confidence thresholds, one run each
     block_sizes: tuple[int, ...] = ()  # tidar-diffusion: one run per block size (empty: the engine's)
     policies: tuple[str, ...] = ()  # tidar-diffusion: one run per policy (empty: "all", the paper's)
+    betas: tuple[float, ...] = ()  # tidar-diffusion: one run per beta (empty: the engine's, 1 unless --beta)
     gamma: int = 4  # spec: draft tokens per step
     warmup: int = 1  # warm-up generations per method
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.engine, "draft_model": self.draft_model, "draft_layers": self.draft_layers,
                 "thresholds": list(self.thresholds),
-                "block_sizes": list(self.block_sizes), "policies": list(self.policies), "gamma": self.gamma, "warmup": self.warmup,
+                "block_sizes": list(self.block_sizes), "policies": list(self.policies),
+                "betas": list(self.betas), "gamma": self.gamma, "warmup": self.warmup,
                 "baseline_lookup_tokens": LOOKUP_TOKENS}
 
 
@@ -309,15 +313,17 @@ def learning_generate(store: Any) -> Callable[..., Any]:
 
 
 def method_runs(methods: Sequence[str], opts: BenchOptions) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Run name -> (method, its parameters): `tidar-diffusion` once per swept block size and policy
-    (`tidar-diffusion-b3`, `-full`), `diffusion` once per threshold when several (`diffusion-t0.7`)."""
+    """Run name -> (method, its parameters): `tidar-diffusion` once per swept block size, policy and
+    beta (`tidar-diffusion-b3`, `-full`, `-beta0.5`), `diffusion` once per threshold when several
+    (`diffusion-t0.7`)."""
     runs: dict[str, tuple[str, dict[str, Any]]] = {}
     for m in methods:
         if m == "tidar-diffusion":
-            for b in opts.block_sizes or (None,):
-                for policy in opts.policies or ("all",):
-                    name = m + (f"-b{b}" if b else "") + (f"-{policy}" if len(opts.policies) > 1 else "")
-                    runs[name] = (m, {"block_size": b, "policy": policy})
+            for b, policy, beta in itertools.product(opts.block_sizes or (None,), opts.policies or ("all",),
+                                                     opts.betas or (None,)):
+                name = (m + (f"-b{b}" if b else "") + (f"-{policy}" if len(opts.policies) > 1 else "")
+                        + (f"-beta{beta:g}" if len(opts.betas) > 1 else ""))
+                runs[name] = (m, {"block_size": b, "policy": policy, "beta": beta})
         elif m == "diffusion" and len(opts.thresholds) > 1:
             runs.update({f"{m}-t{t:g}": (m, {"threshold": t}) for t in opts.thresholds})
         else:
@@ -335,7 +341,7 @@ def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_
         elif m == "tidar":
             runners[name] = EngineRunner(runtime, {"mode": "tidar", **engine})
         elif m == "tidar-diffusion":  # the paper's TiDAR: diffusion drafts only
-            overrides = {"mode": "tidar", **engine, **DIFFUSION_ONLY, **{k: v for k, v in params.items() if v}}
+            overrides = {"mode": "tidar", **engine, **DIFFUSION_ONLY, **{k: v for k, v in params.items() if v is not None}}
             runners[name] = EngineRunner(runtime, overrides)
         elif m == "tidar-no-datastore":  # the same without the datastore's drafts, to show their share
             runners[name] = EngineRunner(runtime, {"mode": "tidar", **engine, "datastore_tokens": 0})

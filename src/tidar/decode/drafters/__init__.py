@@ -22,6 +22,7 @@ class Draft:
     source: str  # where the draft starts from (what the gate and the step layout look at)
     q: torch.Tensor | None = None  # (len(tokens), V) what each token was drawn from; None = one-hot (a copy)
     token_sources: list[str] | None = None  # per token, where a combined draft differs; None = all `source`
+    logits: torch.Tensor | None = None  # (len(tokens), V) the diffusion logits each token was drafted from
 
     def sources(self) -> list[str]:
         return self.token_sources or [self.source] * len(self.tokens)
@@ -96,4 +97,4 @@ def overlay(base: Draft | None, copy: Draft) -> Draft:
     if base.q is not None:
         q = base.q.clone()
         q[:k] = torch.nn.functional.one_hot(torch.tensor(copy.tokens), q.shape[-1]).to(q.dtype)
-    return Draft(copy.tokens + base.tokens[k:], copy.source, q, copy.sources() + base.sources()[k:])
+    return Draft(copy.tokens + base.tokens[k:], copy.source, q, copy.sources() + base.sources()[k:], base.logits)

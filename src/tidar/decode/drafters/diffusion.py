@@ -37,7 +37,8 @@ class DiffusionDrafter(Drafter):
         picks[ctx.usable_rows:] = 0
         if q is not None:
             q[ctx.usable_rows:] = torch.nn.functional.one_hot(picks[ctx.usable_rows:], q.shape[-1]).to(q.dtype)
-        return Draft(picks.tolist(), self.source, q)
+        sources = [self.source] * ctx.usable_rows + ["none"] * (len(picks) - ctx.usable_rows)
+        return Draft(picks.tolist(), self.source, q, sources, rows)
 
 
 class DraftGate:
