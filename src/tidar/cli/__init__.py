@@ -26,6 +26,7 @@ COMMANDS = {  # name -> (module under tidar.cli, help)
     "datastore": ("datastore", "index the model's own outputs as a source of drafts"),
     "export": ("export", "export a trained adapter as the shipped default model"),
     "plot": ("plot", "plot training metrics"),
+    "reproduce": ("reproduce", "the paper's AR / TiDAR / block diffusion comparison at laptop scale"),
     "demo": ("demo", "the README's demo: the shipped model, TiDAR vs AR"),
 }
 
