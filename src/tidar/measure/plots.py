@@ -120,35 +120,44 @@ def plot_latency_profile(profile: dict[str, Any], png_path: str | Path, operatin
 
 
 def plot_demo(rows: Sequence[dict[str, Any]], png_path: str | Path) -> Path:
-    """`make demo`: tokens/s of TiDAR vs AR per prompt, and tokens per forward, side by side.
+    """`make demo`: tokens/s per prompt and tokens per forward, side by side, of AR, TiDAR's shipped
+    mix (diffusion + copy drafts) and, where the rows have it, TiDAR with diffusion drafts only (the
+    paper's TiDAR). A TiDAR bar is labelled with its speedup over AR, and "(differs)" when its output
+    was not AR's.
 
-    rows: [{"prompt", "matches_ar", "tidar": stats, "ar": stats, "speedup_vs_ar"}], stats as in
+    rows: [{"prompt", "matches_ar", "tidar": stats, "ar": stats, "speedup_vs_ar"}], optionally with
+    "tidar_diffusion": stats, "diffusion_speedup_vs_ar" and "diffusion_matches_ar" (demo.json files
+    written before `make demo` measured diffusion drafts alone lack them); stats as in
     GenerationStats.as_dict().
     """
     plt = _pyplot()
+    # (label, stats key, speedup key, exactness key, color)
+    series = [("AR", "ar", None, None, "tab:blue"),
+              ("TiDAR, shipped mix", "tidar", "speedup_vs_ar", "matches_ar", "tab:orange")]
+    if any("tidar_diffusion" in r for r in rows):
+        series.append(("TiDAR, diffusion drafts only", "tidar_diffusion", "diffusion_speedup_vs_ar",
+                       "diffusion_matches_ar", "tab:green"))
     names = [str(r["prompt"]) for r in rows]
     x = list(range(len(rows)))
-    w = 0.38
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(7.0, 2.2 * len(rows) + 3), 3.8))
-    ti = [r["tidar"]["tokens_per_s"] for r in rows]
-    ar = [r["ar"]["tokens_per_s"] for r in rows]
-    ax1.bar([i - w / 2 for i in x], ar, w, label="AR", color="tab:blue")
-    ax1.bar([i + w / 2 for i in x], ti, w, label="TiDAR", color="tab:orange")
-    for i, r in enumerate(rows):
-        label = f"{r.get('speedup_vs_ar', 0.0):.2f}x" + ("" if r.get("matches_ar", True) else " (differs)")
-        ax1.annotate(label, (i, max(ti[i], ar[i])), ha="center", va="bottom", fontsize=8)
-    ax1.set_xticks(x, names)
+    w = 0.8 / len(series)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(7.0, 0.75 * len(series) * len(rows) + 3), 3.8))
+    for j, (label, key, speedup, matches, color) in enumerate(series):
+        at = [i + (j - (len(series) - 1) / 2) * w for i in x]
+        tps = [r[key]["tokens_per_s"] if key in r else 0.0 for r in rows]
+        ax1.bar(at, tps, w, label=label, color=color)
+        ax2.bar(at, [r[key]["tokens_per_forward"] if key in r else 0.0 for r in rows], w, label=label, color=color)
+        for i, r in enumerate(rows):
+            if speedup and key in r:
+                note = f"{r.get(speedup, 0.0):.2f}x" + ("" if r.get(matches, True) else "\n(differs)")
+                ax1.annotate(note, (at[i], tps[i]), ha="center", va="bottom", fontsize=7)
     ax1.set_ylabel("generated tokens / s")
     ax1.set_title("speed (same prompts, same process)", fontsize=9)
-    ax1.legend(fontsize=8)
     ax1.margins(y=0.15)
-    ax2.bar([i - w / 2 for i in x], [r["ar"]["tokens_per_forward"] for r in rows], w, label="AR", color="tab:blue")
-    ax2.bar([i + w / 2 for i in x], [r["tidar"]["tokens_per_forward"] for r in rows], w, label="TiDAR",
-            color="tab:orange")
-    ax2.set_xticks(x, names)
     ax2.set_ylabel("tokens / forward")
     ax2.set_title("tokens committed per model forward", fontsize=9)
-    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xticks(x, names)
+        ax.legend(fontsize=7)
     return _save(fig, png_path, dpi=120)
 
 
