@@ -168,7 +168,8 @@ def test_streamed_completion_concatenates_to_the_full_text(client):
     assert all(e["object"] == "text_completion" and e["id"] == events[0]["id"] for e in events)
     last = events[-1]
     assert last["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
-    assert last["usage"] == full["usage"] and "tokens_per_forward" in last["tidar"]
+    assert "tokens_per_forward" in last["tidar"]
+    assert not any("usage" in e for e in events)  # as OpenAI's: usage only with stream_options.include_usage
 
 
 def test_streamed_chat(client):
@@ -288,3 +289,220 @@ def test_learning_server_drafts_a_repeated_request_from_its_earlier_answer():
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
     assert second["tidar"]["accepted_drafts"]["datastore"] > first["tidar"]["accepted_drafts"]["datastore"] + 10
     assert health["learned_sequences"] == 2 and health["learned_tokens"] == 2 * first["usage"]["completion_tokens"]
+
+
+# -- strict validation (issue 27, item 5): every bad input is a 4xx with OpenAI's error body ---------
+class UnicodeStrictTokenizer(CharTokenizer):
+    """Fails on a lone surrogate as Hugging Face's (Rust) tokenizers do ("TextInputSequence must be str")."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        text.encode("utf-8")  # UnicodeEncodeError on "\ud800"
+        return super().encode(text)
+
+
+def post_raw(client: TestClient, path: str, body) -> httpx.Response:  # noqa: ANN001
+    """`body` as Python's json writes it: NaN/Infinity literals, "\\ud800" escapes (httpx's json= refuses both)."""
+    return client.post(path, content=body if isinstance(body, bytes) else json.dumps(body).encode(),
+                       headers={"content-type": "application/json"})
+
+
+def assert_openai_error(r: httpx.Response, status: int, fragment: str, param: str | None = None,
+                        code: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert fragment in err["message"], err["message"]
+    assert err["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    if param is not None:
+        assert err["param"] == param
+    assert err["code"] == code
+    assert "Traceback" not in r.text
+
+
+@pytest.fixture(scope="module")
+def strict_client():
+    with TestClient(create_app(Runtime(tiny_model(), UnicodeStrictTokenizer(), name="/models/tiny")),
+                    raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.mark.parametrize("path, body, fragment, param", [
+    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt is not valid Unicode", "prompt"),
+    ("/v1/completions", {"prompt": ["ok", "\udfff"]}, "prompt[1] is not valid Unicode", "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]},
+     "messages[0].content is not valid Unicode", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages[0].content[0].text is not valid Unicode", "messages"),
+    ("/v1/completions", {"prompt": "a", "stop": ["\ud800"]}, "stop[0] is not valid Unicode", "stop"),
+    ("/v1/completions", {"prompt": "a", "user": "\ud800"}, "user is not valid Unicode", "user"),
+    ("/v1/completions", {"prompt": "a", "\ud800": 1}, "a key contains a lone surrogate", None),
+])
+def test_lone_surrogates_are_a_400_not_a_500(strict_client, path, body, fragment, param):
+    """A JSON "\\ud800" escape parses to a str no tokenizer can encode: it was a 500 (TypeError in the
+    Rust tokenizer), now a 400 saying the text is not valid Unicode."""
+    assert_openai_error(post_raw(strict_client, path, {**body, "max_tokens": 2}), 400, fragment, param)
+
+
+def test_utf8_encoded_surrogates_are_a_400(strict_client):
+    # raw bytes ED A0 80: Python's json reads them (surrogatepass) into the same lone surrogate
+    assert_openai_error(post_raw(strict_client, "/v1/completions", b'{"prompt": "\xed\xa0\x80", "max_tokens": 2}'),
+                        400, "not valid Unicode", "prompt")
+
+
+@pytest.mark.parametrize("body, fragment, param", [
+    # seeds past int64: "Overflow when unpacking long long" in torch's manual_seed once; now the field's bound
+    ({"seed": 2**63}, "seed: Input should be less than or equal to 9223372036854775807", "seed"),
+    ({"seed": -(2**63) - 1}, "seed: Input should be greater than or equal to", "seed"),
+    ({"seed": 10**30}, "seed", "seed"),
+    # non-finite numbers (JSON NaN / Infinity; 1e400 parses as inf), wherever they are
+    ({"temperature": float("inf")}, "temperature must be a finite number, got inf", "temperature"),
+    ({"temperature": float("nan")}, "temperature must be a finite number, got nan", "temperature"),
+    ({"top_p": float("nan")}, "top_p must be a finite number", "top_p"),
+    ({"max_tokens": float("inf")}, "max_tokens must be a finite number", "max_tokens"),
+    ({"presence_penalty": float("nan")}, "presence_penalty must be a finite number", "presence_penalty"),
+    ({"metadata": {"a": [1, float("-inf")]}}, "metadata.a[1] must be a finite number, got -inf", "metadata"),
+    # wrong types: no coercion of "5", true or 2.0
+    ({"temperature": True}, "temperature: Input should be a valid number", "temperature"),
+    ({"max_tokens": "5"}, "max_tokens: Input should be a valid integer", "max_tokens"),
+    ({"max_tokens": 2.0}, "max_tokens: Input should be a valid integer", "max_tokens"),
+    ({"stream": "yes"}, "stream: Input should be a valid boolean", "stream"),
+    ({"n": True}, "n: Input should be a valid integer", "n"),
+    ({"seed": 1.5}, "seed: Input should be a valid integer", "seed"),
+    ({"stop": 5}, "stop:", "stop"),
+    ({"prompt": [True, False]}, "prompt:", "prompt"),
+    ({"block_size": "4"}, "block_size: Input should be a valid integer", "block_size"),
+    ({"mode": 1}, "mode: Input should be a valid string", "mode"),
+    # ranges; an option greedy decoding then ignores is still checked
+    ({"top_p": 1.5}, "top_p: Input should be less than or equal to 1", "top_p"),
+    ({"top_p": -0.1}, "top_p: Input should be greater than or equal to 0", "top_p"),
+    ({"top_k": 0, "temperature": 0}, "top_k must be >= 1", "top_k"),
+    ({"block_size": 1000}, "block_size must be <= 32", "block_size"),
+    ({"mode": "fast"}, "mode must be one of tidar, ar", "mode"),
+    ({"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true",
+     "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options:", "stream_options"),
+])
+def test_bad_values_are_a_400_naming_the_field(client, body, fragment, param):
+    assert_openai_error(post_raw(client, "/v1/completions", {"prompt": "a", "max_tokens": 2, **body}), 400,
+                        fragment, param)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"messages": "hi"}, "messages: Input should be a valid list"),
+    ({"messages": [{"role": 1, "content": "hi"}]}, "messages: Input should be a valid string"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content is required for role 'user'"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content is required"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "a text part needs `text`"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_completion_tokens"),
+])
+def test_bad_chat_messages_are_a_400(client, body, fragment):
+    assert_openai_error(post_raw(client, "/v1/chat/completions", {"max_tokens": 2, **body}), 400, fragment)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("repetition_penalty", 1.2),
+    ("min_p", 0.05),
+    ("logit_bias", {"5": 10}),
+    ("logprobs", 2),
+    ("top_logprobs", 3),
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", -1),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("functions", [{"name": "f"}]),
+    ("tool_choice", "required"),
+    ("echo", True),
+    ("suffix", "end"),
+    ("min_tokens", 5),
+    ("ignore_eos", True),
+])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_unsupported_fields_are_rejected_by_name(client, path, field, value):
+    """Once silently ignored (response_format, repetition_penalty, min_p): a client asked for something
+    the server would not do."""
+    base = {"prompt": "a"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "a"}]}
+    r = post_raw(client, path, {**base, "max_tokens": 2, field: value})
+    assert_openai_error(r, 400, f"{field} is not supported by this server", field)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_fields_clients_send_by_default_with_neutral_values_still_work(client, path):
+    base = {"prompt": "a"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "a"}]}
+    neutral = {"model": "tiny", "n": 1, "stream": False, "stream_options": None, "presence_penalty": 0,
+               "frequency_penalty": 0.0, "user": "someone", "logprobs": None, "top_logprobs": 0, "echo": False,
+               "logit_bias": {}, "response_format": {"type": "text"}, "repetition_penalty": 1.0, "min_p": 0,
+               "tools": [], "tool_choice": "none", "parallel_tool_calls": True, "temperature": None, "top_p": None,
+               "seed": None, "stop": None, "best_of": 1, "store": False, "metadata": {"k": "v"}, "top_k": None}
+    r = post_raw(client, path, {**base, **neutral, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path, base", [("/v1/completions", {"prompt": "a"}),
+                                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]})])
+def test_model_names_other_than_the_served_one_are_a_404(client, path, base):
+    served = client.get("/v1/models").json()["data"][0]["id"]
+    for name in ("gpt-4o", "", "TINY", "/models/tiny"):
+        r = post_raw(client, path, {**base, "model": name, "max_tokens": 2})
+        assert_openai_error(r, 404, f"The model `{name}` does not exist", "model", code="model_not_found")
+    for ok in ({"model": served}, {}):  # the name /v1/models reports, or none
+        assert post_raw(client, path, {**base, **ok, "max_tokens": 2}).status_code == 200
+
+
+def test_served_model_name_is_the_one_accepted(runtime):
+    with TestClient(create_app(runtime, "my-model")) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == "my-model"
+        assert c.post("/v1/completions", json={"model": "my-model", "prompt": "a", "max_tokens": 2}).status_code == 200
+        assert c.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2}).status_code == 404
+
+
+@pytest.mark.parametrize("sampling", [{"top_p": 0, "temperature": 1.5}, {"top_p": 0}, {"top_p": 1e-300},
+                                      {"temperature": 0}, {"temperature": 1e-6}, {"temperature": 1e-40},
+                                      {"temperature": 5e-324}])
+def test_top_p_zero_and_tiny_temperatures_are_greedy(client, runtime, sampling):
+    """top_p 0 was a 400 (OpenAI accepts 0..1); a temperature or top_p so small that the engine's
+    float32 warp overflows (1e-40, 5e-324) or rounds to 0 (1e-300) was a 500 (NaN probabilities)."""
+    expected = runtime.generate_text("abc", greedy(runtime, 12)).text
+    for seed in (1, 2):
+        r = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 12, "seed": seed, **sampling})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected
+
+
+@pytest.mark.parametrize("path, base, key", [
+    ("/v1/completions", {"prompt": "Stream me"}, "text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}]}, "content"),
+])
+def test_stream_include_usage_sends_a_final_usage_chunk_as_openai(client, path, base, key):
+    req = {**base, "max_tokens": 12, "temperature": 0}
+    full = client.post(path, json=req).json()
+    events = sse_events(client, path, {**req, "stream": True, "stream_options": {"include_usage": True}})
+    *chunks, usage = events
+    assert usage["choices"] == [] and usage["usage"] == full["usage"]
+    assert usage["id"] == chunks[0]["id"] and usage["object"] == chunks[0]["object"]
+    assert all(c["usage"] is None and len(c["choices"]) == 1 for c in chunks)  # null on every other chunk
+    assert chunks[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+    assert "tokens_per_forward" in chunks[-1]["tidar"]
+    # include_usage false: OpenAI's plain layout, no usage anywhere
+    plain = sse_events(client, path, {**req, "stream": True, "stream_options": {"include_usage": False}})
+    assert all("usage" not in e and e["choices"] for e in plain)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_unexpected_errors_are_a_500_in_openai_shape_with_connection_close(caplog, monkeypatch, stream):
+    """Starlette's handler for Exception re-raises after answering, and uvicorn then dropped the
+    keep-alive connection without `Connection: close`: the client's next request hit a reset."""
+    rt = Runtime(tiny_model(), CharTokenizer(), name="/models/tiny")
+    works = rt.generate_ids
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("the engine broke")
+
+    monkeypatch.setattr(rt, "generate_ids", broken)
+    with TestClient(create_app(rt), raise_server_exceptions=False) as c, caplog.at_level("ERROR", "tidar.serve.server"):
+        r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "temperature": 0, "stream": stream})
+        assert_openai_error(r, 500, "internal error: RuntimeError: the engine broke")
+        assert r.headers["connection"] == "close"
+        assert "Traceback" in caplog.text and "the engine broke" in caplog.text  # the server log has it
+        monkeypatch.setattr(rt, "generate_ids", works)
+        assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200

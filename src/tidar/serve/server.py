@@ -2,9 +2,17 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health.
 Requests take OpenAI's fields (model, prompt | messages, max_tokens, temperature, top_p, seed, stop,
-stream, n=1) plus our extensions `mode` ("tidar" | "ar"), `block_size` and `top_k`; responses have
-OpenAI's shapes plus a `tidar` object with the engine's statistics (tokens_per_forward,
-acceptance_histogram, tokens_per_s, ...).
+stream, stream_options, n=1) plus our extensions `mode` ("tidar" | "ar"), `block_size` and `top_k`;
+responses have OpenAI's shapes plus a `tidar` object with the engine's statistics
+(tokens_per_forward, acceptance_histogram, tokens_per_s, ...).
+
+Validation is strict: every bad request is a 4xx with OpenAI's error body, never a 500 (wrong
+types, non-finite numbers, lone surrogates, a `model` other than the one served: 404
+model_not_found). A field the server does not implement (response_format, repetition_penalty,
+min_p, logit_bias, tools, ...) is a 400 naming it unless its value means "off", so a client never
+silently gets something other than what it asked for. Greedy: temperature 0 or top_p 0 (or
+below GREEDY_TEMPERATURE / GREEDY_TOP_P). An unexpected failure is a 500 in the same shape, sent with
+`Connection: close` (the traceback goes to the server log).
 
 Concurrency: the model and its KV cache are not re-entrant, so every generation runs on one
 dedicated worker thread and requests queue in arrival order. A list of prompts in one
@@ -22,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 import secrets
 import threading
 import time
@@ -35,11 +45,12 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tidar.decode import GenerationConfig, GenerationError
-from tidar.decode.options import option_type, options
+from tidar.decode.options import check_option, option_type, options
 from tidar.model.weights import chat_ids
 from tidar.runtime import Runtime, TextResult
 
@@ -49,26 +60,62 @@ MAX_BATCH = 32  # prompts per /v1/completions request
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 512  # OpenAI's chat default is "up to the context"; clamped to it below
 
-# OpenAI fields we cannot honour: accepted only when unset/falsy, so a client never silently gets
-# something other than what it asked for.
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "presence_penalty", "frequency_penalty",
-               "tools", "functions")
+# Below this temperature sampling is greedy decoding (vLLM's rule): dividing the logits by a smaller
+# one overflows float32 to inf, and the draw would fail on NaN probabilities.
+GREEDY_TEMPERATURE = 1e-5
+# Below this top_p the nucleus is the most likely token alone (its probability is at least 1/vocab),
+# which is greedy decoding; the engine's float32 warp would round a tiny top_p to 0 and drop every token.
+GREEDY_TOP_P = 1e-6
+
+
+def _off(v: Any) -> bool:
+    return v is None or v is False or v == 0 or v == "" or v == [] or v == {}
+
+
+def _number(neutral: float) -> Callable[[Any], bool]:
+    return lambda v: v is None or (type(v) in (int, float) and v == neutral)
+
+
+# Request fields (OpenAI's, and vLLM's/transformers' sampling names) this server does not implement,
+# each with the test for the value(s) that mean "off": such a value is accepted (clients send some by
+# default, e.g. presence_penalty 0), any other is a 400 naming the field.
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "logprobs": _off, "top_logprobs": _off, "echo": _off, "suffix": _off, "logit_bias": _off,
+    "presence_penalty": _number(0), "frequency_penalty": _number(0), "repetition_penalty": _number(1),
+    "min_p": _number(0), "typical_p": _number(1), "top_a": _number(0), "min_tokens": _number(0),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "tools": _off, "functions": _off, "tool_choice": lambda v: v in (None, "none", "auto"),
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "modalities": lambda v: v in (None, ["text"]), "audio": _off,
+    "ignore_eos": _off, "stop_token_ids": _off, "bad_words": _off, "allowed_token_ids": _off,
+    "use_beam_search": _off, "guided_json": _off, "guided_regex": _off, "guided_choice": _off,
+    "guided_grammar": _off, "structured_outputs": _off, "logits_processors": _off, "prompt_logprobs": _off,
+    "include_stop_str_in_output": _off,
+}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class APIError(Exception):
     def __init__(self, message: str, status: int = 400, type_: str = "invalid_request_error",
-                 param: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.message, self.status, self.type, self.param = message, status, type_, param
+        self.message, self.status, self.type, self.param, self.code = message, status, type_, param, code
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": None}}
+def _printable(text: str | None) -> str | None:
+    # a lone surrogate from the request cannot be encoded as UTF-8: echoing one would fail the response
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": _printable(message), "type": type_, "param": _printable(param), "code": code}}
 
 
 def error_response(message: str, status: int = 400, type_: str = "invalid_request_error",
-                   param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param), status_code=status)
+                   param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 # -- request bodies ------------------------------------------------------------------------------
@@ -82,19 +129,58 @@ def _extension_fields() -> dict[str, Any]:
 _Extensions = create_model("_Extensions", **_extension_fields())
 
 
+def _check_json(data: Any) -> None:
+    """Reject what JSON lets through but no field can mean: a lone surrogate in any string or key (a
+    "\\ud800" escape is not Unicode text, and a tokenizer fails on it) and a non-finite number anywhere
+    (Python's JSON parser reads NaN, Infinity and 1e400 as inf). Iterative: JSON nested ~1000 deep
+    must not overflow the stack."""
+    if not isinstance(data, dict):
+        return  # not an object: the model's own validation says so
+    stack: list[tuple[str | None, str, Any]] = [(None, "", data)]
+    while stack:
+        top, path, v = stack.pop()
+        if isinstance(v, str) and (bad := _SURROGATE.search(v)):
+            raise APIError(f"{path} is not valid Unicode: it contains a lone surrogate (\\u{ord(bad.group()):04x}); "
+                           "send UTF-8 text", param=top)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise APIError(f"{path} must be a finite number, got {v}", param=top)
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if _SURROGATE.search(k):
+                    raise APIError(f"{path or 'the request'} is not valid Unicode: a key contains a lone surrogate; "
+                                   "send UTF-8 text", param=top)
+                stack.append((top or k, f"{path}.{k}" if path else k, x))
+        elif isinstance(v, list):
+            stack.extend((top, f"{path}[{i}]", x) for i, x in enumerate(v))
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool | None = None
+
+
 class _SamplingRequest(_Extensions):
-    # OpenAI clients send fields we ignore (user, stream_options, ...): keep them, reject only UNSUPPORTED
-    model_config = ConfigDict(extra="allow")
+    # strict: a wrong JSON type is a 400 (no "5" for 5, no true for 1.0; an int is a valid float).
+    # Fields beyond these are kept (clients send user, store, metadata, ...); UNSUPPORTED ones must be "off".
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)  # OpenAI default: sampling; 0 = greedy
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)  # newer OpenAI name for max_tokens
+    temperature: float | None = Field(None, ge=0)  # OpenAI default 1: sampling; 0 = greedy
+    top_p: float | None = Field(None, ge=0, le=1)  # 0 = greedy
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
     best_of: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_json(cls, data: Any) -> Any:
+        _check_json(data)
+        return data
 
 
 class CompletionRequest(_SamplingRequest):
@@ -102,20 +188,19 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: str | list[ContentPart] | None = None
 
 
 class ChatRequest(_SamplingRequest):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)  # newer OpenAI name for max_tokens
 
 
 # -- generation on token ids, streaming per committed step ---------------------------------------
@@ -138,19 +223,32 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else [s for s in stop if s]
 
 
-def _check_common(req: _SamplingRequest) -> None:
-    if req.n != 1:
+def _check_common(engine: Engine, req: _SamplingRequest) -> None:
+    if req.model is not None and req.model != engine.name:
+        raise APIError(f"The model `{req.model}` does not exist: this server serves `{engine.name}` (GET /v1/models)",
+                       404, param="model", code="model_not_found")
+    extra = req.model_extra or {}
+    for k, off in UNSUPPORTED.items():
+        if k in extra and not off(extra[k]):
+            raise APIError(f"{k} is not supported by this server", param=k)
+    if req.n not in (None, 1):
         raise APIError(f"n must be 1 (got {req.n}): send separate requests, or a list of prompts", param="n")
     if req.best_of not in (None, 1):
         raise APIError("best_of is not supported", param="best_of")
-    extra = req.model_extra or {}
-    for k in UNSUPPORTED:
-        if extra.get(k):
-            raise APIError(f"{k} is not supported by this server", param=k)
+    if req.stream_options is not None and not req.stream:
+        raise APIError("stream_options is only allowed when stream is true", param="stream_options")
+    for f in options("request"):  # validated whether or not greedy decoding then ignores them (top_k)
+        value = getattr(req, f.name)
+        if value is not None:
+            try:
+                check_option(f.name, value)
+            except GenerationError as e:
+                raise APIError(str(e), param=f.name) from None
 
 
 def _config(engine: Engine, req: _SamplingRequest, max_tokens: int) -> GenerationConfig:
-    sampling = req.temperature > 0
+    temperature = 1.0 if req.temperature is None else req.temperature
+    sampling = temperature >= GREEDY_TEMPERATURE and (req.top_p is None or req.top_p >= GREEDY_TOP_P)
     seed = req.seed
     if sampling and seed is None:
         # The engine's unseeded generator starts from torch's fixed default seed: without this
@@ -160,8 +258,12 @@ def _config(engine: Engine, req: _SamplingRequest, max_tokens: int) -> Generatio
     if not sampling:
         extensions["top_k"] = None  # a sampling option, meaningless for greedy (as temperature and top_p)
     return engine.runtime.generation_config(
-        **extensions, max_new_tokens=max_tokens, do_sample=sampling, temperature=req.temperature if sampling else None,
+        **extensions, max_new_tokens=max_tokens, do_sample=sampling, temperature=temperature if sampling else None,
         top_p=req.top_p if sampling else None, seed=seed)
+
+
+def _requested_tokens(req: _SamplingRequest) -> int | None:
+    return req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
 
 
 def _max_tokens(engine: Engine, requested: int | None, default: int, prompt_len: int, block: int | None) -> int:
@@ -195,7 +297,7 @@ def _completion_prompts(engine: Engine, prompt: str | list) -> list[list[int]]:
         prompts = list(prompt)
     if len(prompts) > MAX_BATCH:
         raise APIError(f"at most {MAX_BATCH} prompts per request, got {len(prompts)}", param="prompt")
-    return [_validate_ids(engine, list(p) if isinstance(p, list) else engine.runtime.encode(p)) for p in prompts]
+    return [_validate_ids(engine, list(p) if isinstance(p, list) else engine.runtime.encode(p) if p else []) for p in prompts]
 
 
 def _chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
@@ -205,11 +307,15 @@ def _chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
     if not getattr(tok, "chat_template", None):
         raise APIError("this model's tokenizer has no chat template: use /v1/completions", param="messages")
     msgs = []
-    for m in messages:
+    for i, m in enumerate(messages):
         content = m.content
+        if content is None and m.role != "assistant":  # as OpenAI: only an assistant turn may lack content
+            raise APIError(f"messages[{i}].content is required for role {m.role!r}", param="messages")
         if isinstance(content, list):  # content parts: only text can reach a text-only model
             if any(p.type != "text" for p in content):
                 raise APIError("only text content parts are supported", param="messages")
+            if any(p.text is None for p in content):
+                raise APIError(f"messages[{i}].content: a text part needs `text`", param="messages")
             content = "".join(p.text or "" for p in content)
         msgs.append({"role": m.role, "content": content or ""})
     try:
@@ -252,11 +358,12 @@ def _choice(kind: str, i: int, text: str, finish: str | None, delta: bool) -> di
 
 async def _generate_response(engine: Engine, kind: Literal["text_completion", "chat.completion"],
                              prompts: list[list[int]], gen: GenerationConfig, stop: list[str],
-                             stream: bool) -> JSONResponse | StreamingResponse:
+                             req: _SamplingRequest) -> JSONResponse | StreamingResponse:
     rid = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
     head = {"id": rid, "created": int(time.time()), "model": engine.name}
-    if stream:
-        return await _stream(engine, kind, head, prompts, gen, stop)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await _stream(engine, kind, head, prompts, gen, stop, include_usage)
     results = await engine.run(engine.runtime.generate_ids, prompts, gen, stop)
     return JSONResponse({**head, "object": kind,
                          "choices": [_choice(kind, i, r.text, r.finish_reason, False) for i, r in enumerate(results)],
@@ -264,8 +371,9 @@ async def _generate_response(engine: Engine, kind: Literal["text_completion", "c
 
 
 async def _stream(engine: Engine, kind: str, head: dict[str, Any], prompts: list[list[int]], gen: GenerationConfig,
-                  stop: list[str]) -> StreamingResponse:
-    """Server-sent events: text as the engine commits it, then a finish chunk per prompt and [DONE]."""
+                  stop: list[str], include_usage: bool) -> StreamingResponse:
+    """Server-sent events: text as the engine commits it, then a finish chunk per prompt, with
+    `stream_options.include_usage` a usage chunk (empty `choices`) as OpenAI's, and [DONE]."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -290,14 +398,16 @@ async def _stream(engine: Engine, kind: str, head: dict[str, Any], prompts: list
     if first[0] == "error":
         cancel.set()
         raise first[1]
-    body = _sse_events(engine, kind, head, prompts, gen, first, events, cancel)
+    body = _sse_events(engine, kind, head, prompts, gen, first, events, cancel, include_usage)
     return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _sse_events(engine: Engine, kind: str, head: dict[str, Any], prompts: list[list[int]],
                       gen: GenerationConfig, first: tuple, events: asyncio.Queue,
-                      cancel: threading.Event) -> AsyncIterator[str]:
+                      cancel: threading.Event, include_usage: bool) -> AsyncIterator[str]:
     chunk = {**head, "object": "text_completion" if kind == "text_completion" else "chat.completion.chunk"}
+    if include_usage:  # as OpenAI's: every chunk says usage null, but the last one after the finish chunks
+        chunk["usage"] = None
     try:
         if kind == "chat.completion":
             for i in range(len(prompts)):
@@ -318,25 +428,64 @@ async def _sse_events(engine: Engine, kind: str, head: dict[str, Any], prompts: 
         results: list[TextResult] = event[1]
         for i, r in enumerate(results):
             last = {**chunk, "choices": [_choice(kind, i, "", r.finish_reason, True)]}
-            if i == len(results) - 1:  # the engine's numbers travel with the final chunk
-                last["usage"] = _usage(prompts, results)
+            if i == len(results) - 1:  # the engine's numbers travel with the last finish chunk
                 last["tidar"] = _tidar_stats(gen, engine, r.stats)
             yield _sse(last)
+        if include_usage:
+            yield _sse({**chunk, "choices": [], "usage": _usage(prompts, results)})
         yield _sse("[DONE]")
     finally:
         cancel.set()  # no-op when finished; stops the engine when the client disconnected
 
 
 # -- the app -------------------------------------------------------------------------------------
+def _param_of(message: str) -> str | None:
+    """The request field an engine message ("seed must be <= ...") is about, if it names one."""
+    word = message.split(" ", 1)[0]
+    word = {"max_new_tokens": "max_tokens"}.get(word, word)
+    return word if word in ChatRequest.model_fields or word in CompletionRequest.model_fields else None
+
+
+class _InternalErrors:
+    """ASGI middleware: an exception no handler took becomes OpenAI's error body with status 500 and
+    `Connection: close`. (Starlette's own handler for Exception re-raises after responding, and the
+    server then drops the keep-alive connection without saying so: the client's next request on it
+    fails with a reset.) Past the response's start nothing can be sent: the error is re-raised."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as e:
+            log.exception("request failed: %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            response = error_response(f"internal error: {type(e).__name__}: {e}", 500, "server_error",
+                                      headers={"Connection": "close"})
+            await response(scope, receive, send)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error is an OpenAI-style JSON body; a traceback goes to the server log, never to a client."""
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return error_response(e.message, e.status, e.type, e.param)
+        return error_response(e.message, e.status, e.type, e.param, e.code)
 
     @app.exception_handler(GenerationError)
     async def _generation_error(request: Request, e: GenerationError) -> JSONResponse:
-        return error_response(str(e))
+        return error_response(str(e), param=_param_of(str(e)))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -358,12 +507,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(str(e.detail), e.status_code, type_)
+        return error_response(str(e.detail), e.status_code, type_, headers=getattr(e, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, e: Exception) -> JSONResponse:
-        log.exception("request failed")  # the traceback goes to the server log, never to the client
-        return error_response(f"internal error: {type(e).__name__}: {e}", 500, "server_error")
+    app.add_middleware(_InternalErrors)
 
 
 def create_app(runtime: Runtime, model_name: str | None = None) -> FastAPI:
@@ -396,21 +542,20 @@ def create_app(runtime: Runtime, model_name: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest) -> JSONResponse | StreamingResponse:
-        _check_common(req)
+        _check_common(engine, req)
         prompts = _completion_prompts(engine, req.prompt)
         longest = max(len(p) for p in prompts)
-        max_tokens = _max_tokens(engine, req.max_tokens, DEFAULT_COMPLETION_TOKENS, longest, req.block_size)
+        max_tokens = _max_tokens(engine, _requested_tokens(req), DEFAULT_COMPLETION_TOKENS, longest, req.block_size)
         gen = _config(engine, req, max_tokens)
-        return await _generate_response(engine, "text_completion", prompts, gen, _stop_list(req.stop), req.stream)
+        return await _generate_response(engine, "text_completion", prompts, gen, _stop_list(req.stop), req)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatRequest) -> JSONResponse | StreamingResponse:
-        _check_common(req)
+        _check_common(engine, req)
         ids = _chat_prompt(engine, req.messages)
-        requested = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
-        max_tokens = _max_tokens(engine, requested, DEFAULT_CHAT_TOKENS, len(ids), req.block_size)
+        max_tokens = _max_tokens(engine, _requested_tokens(req), DEFAULT_CHAT_TOKENS, len(ids), req.block_size)
         gen = _config(engine, req, max_tokens)
-        return await _generate_response(engine, "chat.completion", [ids], gen, _stop_list(req.stop), req.stream)
+        return await _generate_response(engine, "chat.completion", [ids], gen, _stop_list(req.stop), req)
 
     return app
 
