@@ -478,3 +478,15 @@ def test_engine_with_compiled_kernels_is_lossless_and_agrees_with_pytorch_path(d
         with torch.no_grad():
             exact = logits(build(torch.float32), torch.float32)
         assert (with_kernels - exact).abs().max() <= 1.1 * (without - exact).abs().max()
+
+
+def test_top_p_too_small_to_represent_keeps_the_most_likely_token():
+    logits = torch.tensor([[0.1, 3.0, 0.2, -1.0]])
+    probs = warp(logits, top_p=1e-300)  # rounds to 0 in float32: without a floor every token would drop
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+def test_a_temperature_too_small_to_sample_with_is_refused_with_the_way_out():
+    with pytest.raises(GenerationError, match="greedy decoding"):
+        GenerationConfig(do_sample=True, temperature=1e-40).validate()
+    GenerationConfig(do_sample=False, temperature=1e-40).validate()  # ignored when greedy

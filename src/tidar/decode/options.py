@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+MIN_TEMPERATURE = 1e-5  # the smallest sampling temperature (vLLM's rule too); below it, decode greedily
+
+
 class GenerationError(ValueError):
     """Bad generation arguments."""
 
@@ -77,8 +80,10 @@ class GenerationConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
-        if self.do_sample and self.temperature <= 0:
-            raise GenerationError("temperature must be > 0 when sampling (use do_sample=False for greedy)")
+        if self.do_sample and self.temperature < MIN_TEMPERATURE:
+            # below this, logits / temperature overflows float32 to inf: the draw would be NaN
+            raise GenerationError(f"temperature must be >= {MIN_TEMPERATURE:g} when sampling; a smaller one "
+                                  "is greedy decoding (use do_sample=False)")
 
 
 # TiDAR as in the paper: diffusion drafts only (no copy drafts, no gate), a block for every acceptance

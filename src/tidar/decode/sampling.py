@@ -16,6 +16,7 @@ def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = Non
         sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        drop[..., 0] = False  # ... never empty: a top_p that rounds to 0 keeps the most likely token
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     return logits.softmax(-1)
 

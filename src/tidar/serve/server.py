@@ -50,7 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tidar.decode import GenerationConfig, GenerationError
-from tidar.decode.options import check_option, option_type, options
+from tidar.decode.options import MIN_TEMPERATURE, check_option, option_type, options
 from tidar.model.weights import chat_ids
 from tidar.runtime import Runtime, TextResult
 
@@ -60,9 +60,8 @@ MAX_BATCH = 32  # prompts per /v1/completions request
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 512  # OpenAI's chat default is "up to the context"; clamped to it below
 
-# Below this temperature sampling is greedy decoding (vLLM's rule): dividing the logits by a smaller
-# one overflows float32 to inf, and the draw would fail on NaN probabilities.
-GREEDY_TEMPERATURE = 1e-5
+# Below the engine's MIN_TEMPERATURE (vLLM's rule) a request is decoded greedily rather than refused.
+GREEDY_TEMPERATURE = MIN_TEMPERATURE
 # Below this top_p the nucleus is the most likely token alone (its probability is at least 1/vocab),
 # which is greedy decoding; the engine's float32 warp would round a tiny top_p to 0 and drop every token.
 GREEDY_TOP_P = 1e-6
