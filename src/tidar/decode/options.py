@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
 MIN_TEMPERATURE = 1e-5  # the smallest sampling temperature (vLLM's rule too); below it, decode greedily
 
 
