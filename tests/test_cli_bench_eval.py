@@ -160,3 +160,51 @@ def test_eval_humaneval_reports_pass_at_1_per_swept_run(rt, tmp_path, monkeypatc
     methods = json.loads(out.read_text())["methods"]
     assert set(methods) == {"ar", "tidar-diffusion-b2", "tidar-diffusion-b3"}
     assert all(m["pass@1"] == 1.0 and m["matches_ar"] == 1.0 for m in methods.values())
+
+
+def test_bench_samples_with_every_engine_method_and_reports_no_matches_ar(rt, tmp_path, monkeypatch):
+    seen = []
+    real = runners.generate
+
+    def spy(model, prompts, cfg, **kw):
+        seen.append((cfg.mode, cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed))
+        return real(model, prompts, cfg, **kw)
+
+    monkeypatch.setattr(runners, "generate", spy)
+    report = run_bench(tmp_path, "--methods", "ar,tidar", "--do-sample", "--temperature", "0.7", "--top-p", "0.9",
+                       "--seed", "1")
+    assert report["config"]["sampling"] == {"temperature": 0.7, "top_k": None, "top_p": 0.9, "seed": 1}
+    assert {s[0] for s in seen} == {"ar", "tidar"}
+    assert set(seen) == {(mode, True, 0.7, None, 0.9, 1) for mode in ("ar", "tidar")}  # warm-ups included
+    for m in report["methods"].values():
+        assert m["matches_ar"] is None and m["divergences"] == [] and m["generated_tokens"] > 0
+    seen.clear()
+    greedy = run_bench(tmp_path, "--methods", "ar,tidar")
+    assert greedy["config"]["sampling"] is None and greedy["methods"]["tidar"]["matches_ar"] == 1.0
+    assert {s[1] for s in seen} == {False}
+
+
+def test_bench_sampling_flags_need_do_sample_and_a_method_that_samples(rt, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "abc"}\n')
+    assert bench_main(["--prompts", str(prompts), "--top-p", "0.9"]) == 2  # ignored without --do-sample
+    assert bench_main(["--prompts", str(prompts), "--methods", "ar,hf", "--do-sample"]) == 2  # hf decodes greedily
+    assert bench_main(["--prompts", str(prompts), "--do-sample", "--temperature", "0"]) == 2
+    assert bench_main(["--prompts", str(prompts), "--do-sample", "--top-p", "1.5"]) == 2
+
+
+def test_bench_sampled_outputs_follow_the_seed_and_differ_from_greedy(rt):
+    from tidar.measure.bench import run_bench as bench_run
+
+    prompts = [rt.encode(p) for p in ("def f(x):", "abc abc abc", "hello")]
+
+    def outputs(**sampling):
+        opts = runners.BenchOptions(sampling=sampling)
+        built = runners.build_runners(rt, ["ar", "tidar"], opts)
+        return bench_run(rt, prompts, ["ar", "tidar"], 12, runners=built, warmup=0).outputs
+
+    greedy = outputs()
+    sampled = outputs(do_sample=True, temperature=1.5, seed=1)
+    assert sampled == outputs(do_sample=True, temperature=1.5, seed=1)  # one seed, one draw
+    for m in ("ar", "tidar"):
+        assert sampled[m] != greedy[m]

@@ -490,3 +490,71 @@ def test_a_temperature_too_small_to_sample_with_is_refused_with_the_way_out():
     with pytest.raises(GenerationError, match="greedy decoding"):
         GenerationConfig(do_sample=True, temperature=1e-40).validate()
     GenerationConfig(do_sample=False, temperature=1e-40).validate()  # ignored when greedy
+
+
+def reference_warp(logits, temperature=1.0, top_k=None, top_p=None):
+    """The warp written out as it was before the candidate search: top-k mask, then a full sort of
+    every row for top-p. The sort is stable (tied tokens at the nucleus's edge in token-id order),
+    the tie rule the fast warp keeps; the old unstable sort kept an arbitrary few of them."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True, stable=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+@pytest.mark.parametrize("vocab", [8, 1000, 49152])
+def test_fast_warp_equals_the_full_sort_on_flat_and_peaked_rows(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    # one flat row (every token tied: the nucleus is never among the candidates), then wider to peaked ones
+    scale = torch.tensor([0.0, 0.3, 1.0, 3.0, 6.0, 12.0]).view(2, 3, 1)
+    for temperature in (0.7, 1.0, 1.5):
+        for top_k in (None, 1, 5, 50):
+            for top_p in (None, 0.1, 0.5, 0.9, 0.99, 1.0):
+                logits = torch.randn(2, 3, vocab, generator=g) * scale + torch.randn(1, generator=g)
+                fast, ref = warp(logits, temperature, top_k, top_p), reference_warp(logits, temperature, top_k, top_p)
+                torch.testing.assert_close(fast, ref, atol=1e-6, rtol=0)
+                assert torch.equal(fast > 0, ref > 0), (temperature, top_k, top_p)
+
+
+def test_top_p_sorts_only_the_rows_whose_nucleus_is_not_among_the_candidates(monkeypatch):
+    from tidar.decode import sampling
+
+    sorted_rows = []
+    real = sampling._nucleus_by_sort
+    monkeypatch.setattr(sampling, "_nucleus_by_sort", lambda rows, p: sorted_rows.append(len(rows)) or real(rows, p))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 49152, generator=g) * 8
+    logits[2] = 0.0  # flat: the top 256 candidates hold 256 / 49152 of the probability
+    probs = warp(logits, 0.7, top_p=0.9)
+    assert sorted_rows == [1]
+    torch.testing.assert_close(probs, reference_warp(logits, 0.7, top_p=0.9), atol=1e-6, rtol=0)
+    assert abs(int((probs[2] > 0).sum()) - 0.9 * 49152) < 50  # the smallest set reaching 0.9 (cumsum rounds)
+    sorted_rows.clear()
+    warp(logits[[0, 1, 3, 4]], 0.7, top_p=0.9)
+    assert sorted_rows == []  # peaked rows never sort
+
+
+def test_top_p_keeps_tied_tokens_at_the_nucleus_edge_in_token_id_order():
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(1))
+    tied = [40, 3, 700, 20]
+    logits[:, tied] = 20.0  # four tokens of nearly 1/4 each: top_p 0.3 keeps two of them
+    for bf16 in (False, True):
+        probs = warp(logits.bfloat16() if bf16 else logits, top_p=0.3)
+        assert (probs > 0).nonzero()[:, 1].view(3, 2).tolist() == [[3, 20]] * 3
+        torch.testing.assert_close(probs[:, [3, 20]], torch.full((3, 2), 0.5))
+
+
+def test_bf16_logits_with_many_ties_warp_as_the_full_sort():
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(4, 8, 49152, generator=g) * 4).bfloat16()  # bfloat16: ties everywhere
+    for top_k, top_p in ((None, 0.5), (None, 0.9), (50, 0.9), (1000, 0.99)):
+        fast, ref = warp(logits, 0.7, top_k, top_p), reference_warp(logits, 0.7, top_k, top_p)
+        torch.testing.assert_close(fast, ref, atol=1e-6, rtol=0)
+        assert torch.equal(fast > 0, ref > 0)

@@ -22,7 +22,14 @@ from tidar.decode.options import options
 from tidar.measure.bench import benchmark, check_options, format_table
 from tidar.measure.plots import plot_bench
 from tidar.measure.prompts import SOURCES, BenchError, load_prompts
-from tidar.measure.runners import METHODS, BenchOptions, parse_methods, validate_methods
+from tidar.measure.runners import (
+    METHODS,
+    SAMPLING_METHODS,
+    SAMPLING_OPTIONS,
+    BenchOptions,
+    parse_methods,
+    validate_methods,
+)
 
 # the engine options a benchmark varies: the operating point's, and beta
 ENGINE_FLAGS = [f.name for f in options("tuned")] + ["beta"]
@@ -55,7 +62,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(model=args.model, dtype=args.dtype, threads=args.threads, compile=args.compile,
-                        engine=generation_overrides(args, ENGINE_FLAGS), draft_model=args.draft_model,
+                        engine=generation_overrides(args, ENGINE_FLAGS),
+                        sampling=generation_overrides(args, SAMPLING_OPTIONS), draft_model=args.draft_model,
                         draft_layers=args.draft_layers, thresholds=tuple(args.thresholds), gamma=args.gamma,
                         warmup=args.warmup, block_sizes=tuple(args.block_sizes), policies=tuple(args.policies), betas=tuple(args.betas))
 
@@ -69,6 +77,9 @@ def build_parser() -> Parser:
     p.add_argument("--limit", type=positive_int, default=None, help="first K prompts (prose default: 20)")
     p.add_argument("--data", default=None, help="shard directory whose val split gives the prose prompts")
     add_method_args(p)
+    s = p.add_argument_group(f"sampling (methods {', '.join(SAMPLING_METHODS)}; matches_ar does not apply: "
+                             "each method draws its own random tokens)")
+    add_generation_args(s, SAMPLING_OPTIONS)
     p.add_argument("--json", default=None, help="write the report to this file")
     p.add_argument("--plots", default=None, help="write PNG plots to this directory")
     p.add_argument("--profile", default=None, help="a `tidar profile --json` file to plot with the operating point")
@@ -91,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{rt.name} | {args.dtype}{' compiled' if rt.compiled else ''}{path} | {report['threads']} threads | "
           f"{len(prompts)} prompts from {source} | max {args.max_new_tokens} new tokens")
     print(format_table(report["methods"]))
+    sampling = report["config"]["sampling"]
+    if sampling is not None:
+        given = ", ".join(f"{k} {v}" for k, v in sampling.items() if v is not None)
+        print(f"note: sampled ({given}): each method draws its own random tokens, so matches_ar does not apply")
     other_cpu = report["machine"]["other_cpu_share"]
     if other_cpu is not None and other_cpu > 0.1:
         print(f"note: other processes used {other_cpu:.0%} of the machine's CPU during the run: "

@@ -1,8 +1,18 @@
-"""Sampling math: the warp (temperature, top-k, top-p) and a draw, as small pure functions."""
+"""Sampling math: the warp (temperature, top-k, top-p) and a draw, as small pure functions.
+
+The top-p warp never sorts the vocabulary when it need not: the nucleus nearly always lies among a
+few hundred most likely tokens, so it is looked for there first (`torch.topk`), with the whole
+row's softmax as the normaliser, and only rows whose nucleus reaches past those candidates are
+sorted in full. Either way the kept set and its probabilities are the ones the full sort gives.
+Tokens with equal logits at the nucleus's edge are taken in token-id order, as a stable sort does
+(the unstable sort used before kept an arbitrary few of them).
+"""
 
 from __future__ import annotations
 
 import torch
+
+CANDIDATES = 256  # top-p looks for the nucleus among this many most likely tokens before sorting a row
 
 
 def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -10,15 +20,57 @@ def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = Non
     """Probabilities after temperature, top-k and top-p (nucleus), as in transformers' warpers."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
-        drop[..., 0] = False  # ... never empty: a top_p that rounds to 0 keeps the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return logits.softmax(-1)
+        logits = _mask_below_kth(logits, top_k)
+    if top_p is None or top_p >= 1.0:
+        return logits.softmax(-1)
+    return _nucleus(logits.reshape(-1, logits.shape[-1]), top_p).view(logits.shape)
+
+
+def _mask_below_kth(logits: torch.Tensor, k: int) -> torch.Tensor:
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))  # tokens tied with the k-th stay
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p probabilities of (rows, V) logits: found among the CANDIDATES most likely tokens where
+    the nucleus lies there, by a full sort of the other rows only."""
+    vocab = logits.shape[-1]
+    values, ids = _stable_descending(*torch.topk(logits, min(CANDIDATES, vocab), dim=-1))
+    probs = logits.softmax(-1).gather(-1, ids)  # the normaliser needs the whole row, not the candidates
+    kept, found = _nucleus_within(values, probs, top_p)
+    out = torch.zeros_like(logits).scatter_(-1, ids, kept)
+    if vocab > CANDIDATES and not bool(found.all()):
+        out[~found] = _nucleus_by_sort(logits[~found], top_p)
+    return out
+
+
+def _nucleus_by_sort(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p probabilities by sorting whole rows: the reference the candidate search must equal."""
+    values, ids = logits.sort(dim=-1, descending=True, stable=True)
+    kept, _ = _nucleus_within(values, values.softmax(-1), top_p)
+    return kept.scatter(-1, ids, kept)
+
+
+def _stable_descending(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk's candidates in the order a stable descending sort of the row gives them (equal logits by
+    token id), so which of several tied tokens the nucleus keeps does not depend on topk's internals."""
+    by_id = ids.argsort(-1)
+    values, ids = values.gather(-1, by_id), ids.gather(-1, by_id)
+    order = values.argsort(dim=-1, descending=True, stable=True)
+    return values.gather(-1, order), ids.gather(-1, order)
+
+
+def _nucleus_within(values: torch.Tensor, probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nucleus among descending candidates: `values` their logits, `probs` their probabilities
+    under the whole row. Returns the renormalised kept probabilities (0 for dropped candidates) and,
+    per row, whether the nucleus provably lies within the candidates: its least likely token is
+    strictly more likely than the last candidate, so the nucleus stops before it, and every token
+    tied with that least likely one is a candidate (topk keeps all tokens above its last value)."""
+    keep = probs.cumsum(-1) - probs < top_p  # the smallest set reaching top_p: what came before is short of it
+    keep[..., 0] = True  # never empty: a top_p that rounds to 0 keeps the most likely token
+    last = values.gather(-1, keep.sum(-1, keepdim=True) - 1)
+    found = (last > values[..., -1:]).squeeze(-1)
+    return values.masked_fill(~keep, float("-inf")).softmax(-1), found
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -9,6 +9,8 @@ prompts, the same measure for every method.
 `matches_ar` compares each method's greedy token ids with our AR engine's, up to max_new_tokens
 and the first EOS; for every diverging prompt it records where, and how close the AR model's top
 two logits were there (a near-tie explains a bfloat16 rounding difference; a wide margin is a bug).
+With sampling (`do_sample`) every method draws its own random tokens, so `matches_ar` is null: losslessness
+under sampling is a statement about distributions, which tests/test_decoding.py checks.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tidar.decode import GenerationError
+from tidar.decode import GenerationConfig, GenerationError
 from tidar.decode.options import check_option
 from tidar.masks import causal_mask
 from tidar.measure.profile import step_tokens
@@ -117,7 +119,7 @@ def summarize(runs: dict[str, list[Run]], prompts: Sequence[Sequence[int]], max_
             "wall_s": round(wall, 4),
             "divergences": [],
         }
-        if ar_runs is not None:
+        if ar_runs is not None and not any(r.sampled for r in (*rs, *ar_runs)):  # random draws never match
             same = 0
             for p, (r, a) in enumerate(zip(rs, ar_runs, strict=True)):
                 mine, ref = normalize(r.tokens, eos_ids, max_new_tokens), normalize(a.tokens, eos_ids, max_new_tokens)
@@ -264,8 +266,22 @@ def check_options(opts: BenchOptions) -> None:
             check_option("beta", beta)
     except GenerationError as e:
         raise BenchError(f"--block-sizes/--policies/--betas: {e}") from None
+    check_sampling(opts)
     if opts.model is not None and opts.model not in ("smollm2", "base") and not Path(opts.model).exists():
         raise BenchError(f"model path {opts.model} does not exist (give a checkpoint directory, or 'smollm2')")
+
+
+def check_sampling(opts: BenchOptions) -> None:
+    """The sampling options: valid together, and given only with do_sample (else they would be ignored
+    and the report would show greedy numbers the user did not ask for)."""
+    ignored = [k for k in opts.sampling if k != "do_sample"] if not opts.sampled else []
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        raise BenchError(f"{flags} only apply with --do-sample")
+    try:
+        GenerationConfig(**opts.sampling).validate()
+    except GenerationError as e:
+        raise BenchError(str(e)) from None
 
 
 def benchmark(opts: BenchOptions, prompts: Sequence[Prompt], methods: Sequence[str], max_new_tokens: int,

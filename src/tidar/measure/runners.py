@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tidar.decode import TextStreamer, generate
+from tidar.decode import GenerationConfig, TextStreamer, generate
 from tidar.decode.options import DIFFUSION_ONLY
 from tidar.measure import baselines
 from tidar.measure.prompts import BenchError
@@ -42,6 +42,10 @@ METHODS = ("ar", "tidar", "tidar-diffusion", "tidar-no-datastore", "tidar-learn"
 
 LOOKUP_TOKENS = 10  # hf-lookup / llamacpp-lookup: candidate tokens per step
 
+# the decoding options that make a method sample, given to every method that can (all through our engine)
+SAMPLING_OPTIONS = ("do_sample", "temperature", "top_k", "top_p", "seed")
+SAMPLING_METHODS = ("ar", "tidar", "tidar-diffusion", "tidar-no-datastore", "tidar-learn", "spec")
+
 
 LLAMACPP_INSTALL = "pip install -e '.[bench]' (builds llama.cpp from source, about 5 minutes)"
 
@@ -57,6 +61,7 @@ class Run:
     acceptance_histogram: list[int] | None = None  # counts of acceptance lengths 1..b
     query_tokens: int | None = None  # new tokens fed to those forwards (our engine only)
     accepted_drafts: dict[str, int] | None = None  # draft tokens accepted, by draft source (our engine only)
+    sampled: bool = False  # random draws (do_sample): not comparable token by token with another method's
 
 
 # (prompt ids, max_new_tokens, stop strings) -> Run
@@ -70,6 +75,7 @@ class BenchOptions:
     threads: int | None = None
     compile: bool | None = None  # None: the model's operating point
     engine: dict[str, Any] = field(default_factory=dict)  # GenerationConfig overrides for ar/tidar methods
+    sampling: dict[str, Any] = field(default_factory=dict)  # SAMPLING_OPTIONS overrides for every sampling method
     draft_model: str | None = None  # spec: draft model directory
     draft_layers: int | None = None  # spec: draft = the target's first N layers (when no draft_model)
     thresholds: tuple[float, ...] = (0.9,)  # diffusion: confidence thresholds, one run each
@@ -84,7 +90,18 @@ class BenchOptions:
                 "thresholds": list(self.thresholds),
                 "block_sizes": list(self.block_sizes), "policies": list(self.policies),
                 "betas": list(self.betas), "gamma": self.gamma, "warmup": self.warmup,
-                "baseline_lookup_tokens": LOOKUP_TOKENS}
+                "baseline_lookup_tokens": LOOKUP_TOKENS, "sampling": self.sampling_config()}
+
+    @property
+    def sampled(self) -> bool:
+        return bool(self.sampling.get("do_sample"))
+
+    def sampling_config(self) -> dict[str, Any] | None:
+        """What the methods sample with (every option, defaults filled in), or None when greedy."""
+        if not self.sampled:
+            return None
+        cfg = GenerationConfig(**self.sampling)
+        return {k: getattr(cfg, k) for k in SAMPLING_OPTIONS if k != "do_sample"}
 
 
 def parse_methods(text: str) -> list[str]:
@@ -102,6 +119,9 @@ def parse_methods(text: str) -> list[str]:
 def validate_methods(methods: Sequence[str], opts: BenchOptions) -> None:
     """Everything that can fail without loading a model fails here."""
     for m in methods:
+        if opts.sampled and m not in SAMPLING_METHODS:
+            raise BenchError(f"method {m!r} decodes greedily only; with --do-sample choose from "
+                             f"{', '.join(SAMPLING_METHODS)}")
         if m == "spec":
             if not opts.draft_model and not opts.draft_layers:
                 raise BenchError("method 'spec' needs --draft-model PATH (a smaller model with the same vocabulary) "
@@ -178,6 +198,7 @@ class EngineRunner:
             out = self.fn(self.runtime.model, [ids], cfg, on_tokens)
         wall = time.perf_counter() - t0
         run = run_from_output(out, wall)
+        run.sampled = cfg.do_sample
         if stop:
             kept = cut_at_stop(self.runtime.tokenizer, run.tokens, stop)
             if run.decode_tokens is not None:
@@ -333,22 +354,24 @@ def method_runs(methods: Sequence[str], opts: BenchOptions) -> dict[str, tuple[s
 
 def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_len: int = 4096) -> dict[str, Runner]:
     """Load what each method needs (timed nothing yet). `max_len` bounds prompt + new tokens."""
-    engine = dict(opts.engine)
+    engine, sampling = dict(opts.engine), dict(opts.sampling)
     runners: dict[str, Runner] = {}
     for name, (m, params) in method_runs(methods, opts).items():
         if m == "ar":  # plain AR: no prompt-lookup bookkeeping even if the operating point has it
-            runners[name] = EngineRunner(runtime, {"mode": "ar", "lookup_ngram": 0})
+            runners[name] = EngineRunner(runtime, {"mode": "ar", "lookup_ngram": 0, **sampling})
         elif m == "tidar":
-            runners[name] = EngineRunner(runtime, {"mode": "tidar", **engine})
+            runners[name] = EngineRunner(runtime, {"mode": "tidar", **engine, **sampling})
         elif m == "tidar-diffusion":  # the paper's TiDAR: diffusion drafts only
-            overrides = {"mode": "tidar", **engine, **DIFFUSION_ONLY, **{k: v for k, v in params.items() if v is not None}}
+            overrides = {"mode": "tidar", **engine, **sampling, **DIFFUSION_ONLY,
+                         **{k: v for k, v in params.items() if v is not None}}
             runners[name] = EngineRunner(runtime, overrides)
         elif m == "tidar-no-datastore":  # the same without the datastore's drafts, to show their share
-            runners[name] = EngineRunner(runtime, {"mode": "tidar", **engine, "datastore_tokens": 0})
+            runners[name] = EngineRunner(runtime, {"mode": "tidar", **engine, **sampling, "datastore_tokens": 0})
         elif m == "tidar-learn":  # the datastore also learns each output, as `tidar serve --learn` does
             if runtime.datastore is None:
                 raise BenchError(f"method 'tidar-learn' needs a model with a datastore; {runtime.name} has none")
-            runners[name] = EngineRunner(runtime, {"mode": "tidar", **engine}, learning_generate(runtime.datastore.fork()))
+            runners[name] = EngineRunner(runtime, {"mode": "tidar", **engine, **sampling},
+                                         learning_generate(runtime.datastore.fork()))
         elif m == "diffusion":
             fn = baselines.diffusion_generate
             runners[name] = EngineRunner(
@@ -361,7 +384,7 @@ def build_runners(runtime: Any, methods: Sequence[str], opts: BenchOptions, max_
             else:
                 draft = baselines.truncated_draft(runtime.model, opts.draft_layers)
             runners[name] = EngineRunner(
-                runtime, {"mode": "ar", "lookup_ngram": 0},
+                runtime, {"mode": "ar", "lookup_ngram": 0, **sampling},
                 lambda model, ps, cfg, _cb, fn=fn, draft=draft: fn(model, draft, ps, cfg, gamma=opts.gamma),
                 streams_stop=False)
     hf = [m for m in methods if m.startswith("hf")]
