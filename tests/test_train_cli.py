@@ -155,3 +155,28 @@ def test_export_data_records_the_training_data(tmp_path: Path, adapter_run: Path
     assert export_main([str(adapter_run), "--out", str(tmp_path / "out"), "--data", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "index.json not found" in err and "Traceback" not in err
+
+
+# -- tidar export --hf ---------------------------------------------------------------------------
+
+
+def test_export_hf_writes_a_transformers_directory_and_checks_its_flags(tmp_path: Path, adapter_run: Path, capsys) -> None:
+    from tidar.cli.export import build_parser
+
+    parser = build_parser()
+    assert [a.option_strings or a.dest for a in parser._actions if not (a.help or "").strip()] == []
+    assert export_main(["--help"]) == 0
+    assert "--hf DIR" in capsys.readouterr().out
+    out = tmp_path / "hf"
+    assert export_main(["--hf", str(out), "--model", str(adapter_run / "model")]) == 0
+    assert f"to {out}: config.json, configuration_tidar.py, custom_generate/generate.py" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "tidar" and config["tidar"]["adapter"]["rank"] == 4
+    assert config["tidar"]["source"]["adapter_sha256"] == json.loads((adapter_run / "model" / "tidar.json").read_text())["sha256"]
+    # each mode's arguments only: one line, exit 2, nothing written
+    for argv in ([], ["--hf", str(tmp_path / "x"), str(adapter_run)], ["--hf", str(tmp_path / "x"), "--out", str(tmp_path / "y")],
+                 ["--hf", str(tmp_path / "x"), "--operating-point", "{}"], [str(adapter_run), "--model", "smollm2"]):
+        assert export_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, argv
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

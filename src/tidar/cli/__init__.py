@@ -24,7 +24,7 @@ COMMANDS = {  # name -> (module under tidar.cli, help)
     "train": ("train", "train a TiDAR model (see configs/)"),
     "data": ("data", "build tokenized training shards, or generate the model's own outputs"),
     "datastore": ("datastore", "index the model's own outputs as a source of drafts"),
-    "export": ("export", "export a trained adapter as the shipped default model"),
+    "export": ("export", "export a trained adapter as the shipped default model, or (--hf) for transformers"),
     "plot": ("plot", "plot training metrics"),
     "reproduce": ("reproduce", "the paper's AR / TiDAR / block diffusion comparison at laptop scale"),
     "demo": ("demo", "the README's demo: the shipped model, TiDAR vs AR"),
