@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tidar.measure.bench import machine_info, run_bench
+from tidar.measure.bench import CpuMonitor, load_average, machine_info, run_bench
 from tidar.measure.evaluate import perplexity
 from tidar.measure.runners import BenchOptions, EngineRunner, Runner, build_runners
 from tidar.reproduce.config import ReproduceConfig, ReproduceError
@@ -107,12 +107,15 @@ def evaluate_models(cfg: ReproduceConfig, models: dict[str, Path], shards: Path,
     pairs = held_out_prompts(val, sh.eos_id, ev.prompts, ev.prompt_tokens, ev.new_tokens)
     runners = _runners(cfg, {k: v for k, v in rts.items() if k != "pretrain"})
     reference = rts["tidar"] if "tidar" in rts else next(iter(rts.values()))
+    load_start, cpu = load_average(), CpuMonitor().start()
     result = run_bench(reference, [p for p, _ in pairs], list(runners), ev.new_tokens, runners=runners, warmup=1,
                        progress=progress)
+    machine = {**machine_info(), "load_average_start": load_start, "load_average_end": load_average(),
+               "other_cpu_share": cpu.stop()}
     judge = rts["pretrain"].model
     methods = {name: {**entry, **_quality(judge, pairs, result.outputs[name])} for name, entry in result.methods.items()}
     reference_quality = _quality(judge, pairs, [ref for _, ref in pairs])
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": machine_info(), "dtype": ev.dtype,
+            "threads": torch.get_num_threads(), "machine": machine, "dtype": ev.dtype,
             "prompts": len(pairs), "prompt_tokens": ev.prompt_tokens, "new_tokens": ev.new_tokens,
             "judge": "pretrain", "held_out_text": reference_quality, "perplexity": ppl, "methods": methods}

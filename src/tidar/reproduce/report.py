@@ -120,8 +120,9 @@ def _fmt(v: Any, spec: str, unit: str = "") -> str:
 
 
 def _markdown(ev: dict[str, Any], cfg: ReproduceConfig, out: Path) -> str:
+    other = ev["machine"].get("other_cpu_share")
     lines = [f"# Reproduction report ({ev['date']}, {ev['machine'].get('cpu', 'cpu')}, {ev['threads']} threads, "
-             f"{ev['dtype']})", "",
+             f"{ev['dtype']}, other processes' CPU share while timing: {_fmt(other, '.1%')})", "",
              f"{ev['prompts']} held-out prompts of {ev['prompt_tokens']} tokens, {ev['new_tokens']} new tokens, greedy. "
              "`matches AR`: greedy output equal to the TiDAR model's own AR output. `val_ppl`: AR-mode "
              "perplexity on the whole val split. `judge_ppl`: perplexity of the written tokens "
