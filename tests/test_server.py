@@ -10,6 +10,7 @@ import threading
 import pytest
 
 pytest.importorskip("fastapi", reason="the `serve` extra (fastapi, uvicorn) is not installed")
+pytest.importorskip("prometheus_client", reason="the `serve` extra (prometheus-client) is not installed")
 pytest.importorskip("httpx", reason="fastapi's TestClient needs httpx")
 
 import httpx  # noqa: E402
@@ -17,7 +18,7 @@ from conftest import tiny_model  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from tidar.runtime import Runtime  # noqa: E402
-from tidar.serve.server import create_app  # noqa: E402
+from tidar.serve.server import ServerConfig, create_app  # noqa: E402
 
 
 class CharTokenizer:
@@ -66,7 +67,8 @@ def sse_events(client: TestClient, path: str, body: dict) -> list:
 
 
 def test_health_and_models(client):
-    assert client.get("/health").json() == {"status": "ok", "model": "tiny"}
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny", "queue_depth": 0, "max_queue": 64,
+                                            "saturated": False, "running": 0}
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
     assert models["data"][0]["max_model_len"] == 512 and models["data"][0]["block_size"] == 4
@@ -281,14 +283,15 @@ def test_learning_server_drafts_a_repeated_request_from_its_earlier_answer():
 
     rt = Runtime(tiny_model(), CharTokenizer(), {"block_size": 3, "datastore_tokens": 8}, name="/models/tiny",
                  datastore=Datastore([[1, 2, 3]], vocab_size=97))
-    rt.learn = True
     body = {"prompt": "the cat", "max_tokens": 24, "temperature": 0}
-    with TestClient(create_app(rt)) as c:
-        first, second = (c.post("/v1/completions", json=body).json() for _ in range(2))
-        health = c.get("/health").json()
+    auth = {"Authorization": "Bearer k"}
+    with TestClient(create_app(rt, config=ServerConfig(api_keys=["k"], learn=True))) as c:
+        first, second = (c.post("/v1/completions", json=body, headers=auth).json() for _ in range(2))
+        health = c.get("/health", headers=auth).json()
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
     assert second["tidar"]["accepted_drafts"]["datastore"] > first["tidar"]["accepted_drafts"]["datastore"] + 10
     assert health["learned_sequences"] == 2 and health["learned_tokens"] == 2 * first["usage"]["completion_tokens"]
+    assert rt.datastore.learned_sequences == 0  # the model's own store learned nothing: the key's fork did
 
 
 # -- strict validation (issue 27, item 5): every bad input is a 4xx with OpenAI's error body ---------
@@ -307,12 +310,12 @@ def post_raw(client: TestClient, path: str, body) -> httpx.Response:  # noqa: AN
 
 
 def assert_openai_error(r: httpx.Response, status: int, fragment: str, param: str | None = None,
-                        code: str | None = None) -> None:
+                        code: str | None = None, type_: str | None = None) -> None:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert fragment in err["message"], err["message"]
-    assert err["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    assert err["type"] == (type_ or ("server_error" if status >= 500 else "invalid_request_error"))
     if param is not None:
         assert err["param"] == param
     assert err["code"] == code
@@ -493,16 +496,15 @@ def test_unexpected_errors_are_a_500_in_openai_shape_with_connection_close(caplo
     """Starlette's handler for Exception re-raises after answering, and uvicorn then dropped the
     keep-alive connection without `Connection: close`: the client's next request hit a reset."""
     rt = Runtime(tiny_model(), CharTokenizer(), name="/models/tiny")
-    works = rt.generate_ids
 
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise RuntimeError("the engine broke")
 
-    monkeypatch.setattr(rt, "generate_ids", broken)
-    with TestClient(create_app(rt), raise_server_exceptions=False) as c, caplog.at_level("ERROR", "tidar.serve.server"):
+    with TestClient(create_app(rt), raise_server_exceptions=False) as c, caplog.at_level("ERROR", "tidar.serve"):
+        monkeypatch.setattr(rt.model, "forward", broken)
         r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "temperature": 0, "stream": stream})
         assert_openai_error(r, 500, "internal error: RuntimeError: the engine broke")
         assert r.headers["connection"] == "close"
         assert "Traceback" in caplog.text and "the engine broke" in caplog.text  # the server log has it
-        monkeypatch.setattr(rt, "generate_ids", works)
+        monkeypatch.undo()
         assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200

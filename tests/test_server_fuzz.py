@@ -25,7 +25,8 @@ from hypothesis import strategies as st  # noqa: E402
 from test_server import UnicodeStrictTokenizer  # noqa: E402
 
 from tidar.runtime import Runtime  # noqa: E402
-from tidar.serve import server  # noqa: E402
+from tidar.serve import validation  # noqa: E402
+from tidar.serve.server import create_app  # noqa: E402
 
 EXAMPLES = int(os.environ.get("TIDAR_FUZZ_EXAMPLES", "300"))
 STATUSES: Counter = Counter()
@@ -125,9 +126,9 @@ ENDPOINTS = {"/v1/completions": bodies("/v1/completions", {"prompt": prompt}),
 @pytest.fixture(scope="module")
 def client():
     with pytest.MonkeyPatch.context() as mp:  # an unset token budget must not decode ~500 tokens per example
-        mp.setattr(server, "DEFAULT_COMPLETION_TOKENS", 4)
-        mp.setattr(server, "DEFAULT_CHAT_TOKENS", 4)
-        app = server.create_app(Runtime(tiny_model(), UnicodeStrictTokenizer(), name="/models/tiny"))
+        mp.setattr(validation, "DEFAULT_COMPLETION_TOKENS", 4)
+        mp.setattr(validation, "DEFAULT_CHAT_TOKENS", 4)
+        app = create_app(Runtime(tiny_model(), UnicodeStrictTokenizer(), name="/models/tiny"))
         # no re-raising: a server error must show up as the status a client would get
         with TestClient(app, raise_server_exceptions=False) as c:
             yield c
