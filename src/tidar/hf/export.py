@@ -10,7 +10,6 @@ installed. The remote code lives in `tidar/hf/remote/` and is copied verbatim.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,12 @@ import torch
 from tidar.hf.errors import HFExportError
 from tidar.model.weights import (
     WeightsError,
+    atomic_directory,
     load_model,
     load_tokenizer,
     read_manifest,
     resolve_model_path,
-    save_pretrained,
+    write_pretrained,
 )
 
 REMOTE = Path(__file__).resolve().parent / "remote"
@@ -48,23 +48,13 @@ def export_hf(out: str | Path, model: str | Path | None = None) -> dict[str, Any
     if net.config.model_type != "llama":
         raise HFExportError(f"--hf exports Llama-family models only; {path} is {net.config.model_type!r}")
     tokenizer = _tokenizer(path)
-    # built beside `out` and renamed into place: an interrupted export leaves no half directory
-    staging = out.parent / f".{out.name}.tidar-export"
-    if staging.exists():
-        shutil.rmtree(staging)
-    save_pretrained(net, staging, tokenizer=tokenizer)
-    try:
+    with atomic_directory(out) as staging:  # an interrupted export leaves no half directory
+        write_pretrained(net, staging, tokenizer=tokenizer)
         config = hf_config(net.config.to_hf(), path)
         (staging / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
         for src, dst in REMOTE_FILES.items():
             (staging / dst).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(REMOTE / src, staging / dst)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     return {"config": config, "files": files, "tokenizer": tokenizer is not None}
 

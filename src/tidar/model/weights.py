@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,25 +107,38 @@ def _init_mask_embed(model: Transformer) -> None:
     model.mask_embed.copy_(model.embed_tokens.weight.float().mean(0).to(model.mask_embed.dtype))
 
 
-def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) atomically (temp dir, rename)."""
+@contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """A temporary directory beside `directory` that replaces it when the block ends without an
+    error, and is removed otherwise: an interrupted write never leaves a half-written directory."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        model.config.save(tmp)
-        # clone: fused inference weights are views that share storage, which safetensors refuses
-        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        save_file(_to_hf(state, model.config.tie_word_embeddings), tmp / "model.safetensors", metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        yield tmp
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+
+def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files) atomically (temp dir, rename)."""
+    with atomic_directory(directory) as tmp:
+        write_pretrained(model, tmp, tokenizer)
+    return Path(directory)
+
+
+def write_pretrained(model: Transformer, directory: Path, tokenizer: Any = None) -> None:
+    """config.json + model.safetensors (+ tokenizer files) into an existing directory."""
+    model.config.save(directory)
+    # clone: fused inference weights are views that share storage, which safetensors refuses
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(_to_hf(state, model.config.tie_word_embeddings), directory / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def _read_state(directory: Path) -> dict[str, torch.Tensor]:

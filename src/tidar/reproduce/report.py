@@ -159,13 +159,8 @@ def _plot_curves(out: Path, cfg: ReproduceConfig, plt: Any) -> Path:
                 label=f"continued as {o}")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("validation AR loss (nats/token)")
-    ax.set_title("AR-mode validation loss: shared pretraining, then equal-token continuations", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = out / "curves.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, "AR-mode validation loss: shared pretraining, then equal-token continuations",
+                   out / "curves.png")
 
 
 def _plot_speed_quality(out: Path, ev: dict[str, Any], plt: Any) -> Path:
@@ -182,10 +177,13 @@ def _plot_speed_quality(out: Path, ev: dict[str, Any], plt: Any) -> Path:
     ax.set_xlabel("tokens per forward")
     ax.set_yscale("log")
     ax.set_ylabel("judge perplexity of the written tokens (lower is better, log scale)")
-    ax.set_title("speed against quality on held-out prompts", fontsize=10)
+    return _finish(plt, fig, ax, "speed against quality on held-out prompts", out / "speed-quality.png")
+
+
+def _finish(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = out / "speed-quality.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -7,14 +7,13 @@ model, and most of its rows see too few tokens to learn (docs/reproduction.md).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tidar.model.weights import atomic_directory
 from tidar.train.corpora import DEFAULT_VAL_FRACTION, open_source, val_indices
 from tidar.train.errors import DataError
 
@@ -49,14 +48,6 @@ def train_bpe(specs: Sequence[str], vocab_size: int, out_dir: str | Path, *, val
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None,
                                    model_max_length=1 << 20)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         fast.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
