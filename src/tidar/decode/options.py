@@ -112,6 +112,13 @@ def check_option(name: str, value: Any) -> None:
     _check(next(f for f in dataclasses.fields(GenerationConfig) if f.name == name), value)
 
 
+def check_sweep(sweeps: dict[str, Sequence[Any]]) -> None:
+    """`check_option` for every value of each swept option (e.g. {"block_size": [2, 3, 4]})."""
+    for name, values in sweeps.items():
+        for value in values:
+            check_option(name, value)
+
+
 def _check(f: dataclasses.Field, value: Any) -> None:
     if value is None and f.default is None:
         return

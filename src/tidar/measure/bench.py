@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from tidar.decode import GenerationConfig, GenerationError
-from tidar.decode.options import check_option
+from tidar.decode.options import check_sweep
 from tidar.masks import causal_mask
 from tidar.measure.profile import step_tokens
 from tidar.measure.prompts import BenchError, Prompt
@@ -258,12 +258,7 @@ def check_options(opts: BenchOptions) -> None:
     if not opts.thresholds or not all(0.0 < t <= 1.0 for t in opts.thresholds):
         raise BenchError(f"--thresholds must be in (0, 1], got {list(opts.thresholds)}")
     try:
-        for b in opts.block_sizes:
-            check_option("block_size", b)
-        for policy in opts.policies:
-            check_option("policy", policy)
-        for beta in opts.betas:
-            check_option("beta", beta)
+        check_sweep({"block_size": opts.block_sizes, "policy": opts.policies, "beta": opts.betas})
     except GenerationError as e:
         raise BenchError(f"--block-sizes/--policies/--betas: {e}") from None
     check_sampling(opts)

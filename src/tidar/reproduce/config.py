@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tidar.decode.options import GenerationError, check_option
+from tidar.decode.options import GenerationError, check_sweep
 from tidar.model.config import ConfigError, TidarConfig
 from tidar.train.config import TrainConfig, check_config
 from tidar.train.errors import TrainConfigError
@@ -121,10 +121,7 @@ class ReproduceConfig:
         if not all(0 < t <= 1 for t in ev.thresholds):
             raise ReproduceError(f"eval: thresholds must be in (0, 1], got {ev.thresholds}")
         try:
-            for b in ev.block_sizes:
-                check_option("block_size", b)
-            for beta in ev.betas:
-                check_option("beta", beta)
+            check_sweep({"block_size": ev.block_sizes, "beta": ev.betas})
         except GenerationError as e:
             raise ReproduceError(f"eval: {e}") from None
 
