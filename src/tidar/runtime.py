@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,41 @@ class TextResult:
     tokens: list[int]
     stats: dict[str, Any]
     finish_reason: str  # "stop" (EOS or stop string) | "length"
+
+
+class StreamedTexts:
+    """Each sequence's text as its tokens are committed (`TextStreamer`: a stop string is held back
+    until disambiguated and never shown), and the final TextResults. Shared by `Runtime.generate_ids`
+    and the server's worker, which drives the decoder step by step."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], n: int,
+                 on_text: Callable[[int, str], None] | None = None) -> None:
+        self.streamers = [TextStreamer(tokenizer, stop) for _ in range(n)]
+        self.on_text = on_text
+
+    def push(self, i: int, toks: list[int]) -> int | None:
+        """How many of `toks` to keep when a stop string ended sequence i, else None (the
+        `on_tokens` contract of `generate`)."""
+        s = self.streamers[i]
+        for n, t in enumerate(toks, 1):  # token by token, so nothing after a stop string is kept
+            text = s.push([t])
+            if text and self.on_text is not None:
+                self.on_text(i, text)
+            if s.stopped:
+                return n
+        return None
+
+    def results(self, seqs: Sequence[list[int]], stats: dict[str, Any], eos: set[int]) -> list[TextResult]:
+        out = []
+        for i, s in enumerate(self.streamers):
+            tail = s.push([], final=True)
+            if tail and self.on_text is not None:
+                self.on_text(i, tail)
+            toks = list(seqs[i])
+            hit_eos = bool(toks) and toks[-1] in eos
+            text = s.text()[: s.shown] if s.stopped else s.text()
+            out.append(TextResult(text, toks, dict(stats), "stop" if (hit_eos or s.stopped) else "length"))
+        return out
 
 
 class Runtime:
@@ -162,48 +196,16 @@ class Runtime:
         return self.generate_ids([self.encode(p, chat) for p in prompts], gen, stop, on_text=write)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
-                     stop: Sequence[str] | None = None, on_text: Callable[[int, str], None] | None = None,
-                     on_start: Callable[[], None] | None = None,
-                     cancel: threading.Event | None = None) -> list[TextResult]:
+                     stop: Sequence[str] | None = None, on_text: Callable[[int, str], None] | None = None
+                     ) -> list[TextResult]:
         """`Runtime.generate_batch` for already-tokenized prompts (chat templates with several
         messages, token-id prompts). `on_text(i, text)` receives each sequence's text as its tokens
-        are committed; `on_start()` fires once after the prefill; setting `cancel` ends generation
-        at the next step (the client went away)."""
-        streamers = [TextStreamer(self.tokenizer, stop or []) for _ in prompts]
-        started = False
-
-        def on_tokens(i: int, toks: list[int]) -> int | None:
-            nonlocal started
-            if not started:
-                started = True
-                if on_start is not None:
-                    on_start()
-            if cancel is not None and cancel.is_set():
-                return 0
-            for n, t in enumerate(toks, 1):  # token by token, so nothing after a stop string is kept
-                text = streamers[i].push([t])
-                if text and on_text is not None:
-                    on_text(i, text)
-                if streamers[i].stopped:
-                    return n
-            return None
-
+        are committed."""
+        texts = StreamedTexts(self.tokenizer, stop or [], len(prompts), on_text)
         t0 = time.perf_counter()
-        out = generate(self.model, [list(p) for p in prompts], gen, on_tokens=on_tokens)
-        wall = time.perf_counter() - t0
+        out = generate(self.model, [list(p) for p in prompts], gen, on_tokens=texts.push)
         if self.learn and self.datastore is not None:
             for seq in out.sequences:
                 self.datastore.learn(seq)
-        eos = set(self.eos_ids)
-        results = []
-        for i, s in enumerate(streamers):
-            tail = s.push([], final=True)
-            if tail and on_text is not None:
-                on_text(i, tail)
-            toks = out.sequences[i]
-            hit_eos = bool(toks) and toks[-1] in eos
-            text = s.text()[: s.shown] if s.stopped else s.text()
-            stats = out.stats.as_dict()
-            stats["wall_s"] = round(wall, 4)
-            results.append(TextResult(text, toks, stats, "stop" if (hit_eos or s.stopped) else "length"))
-        return results
+        stats = {**out.stats.as_dict(), "wall_s": round(time.perf_counter() - t0, 4)}
+        return texts.results(out.sequences, stats, set(self.eos_ids))

@@ -19,13 +19,12 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidar.decode import Datastore, Decoder, GenerationConfig, GenerationStats, TextStreamer
-from tidar.runtime import Runtime, TextResult
+from tidar.decode import Datastore, Decoder, GenerationConfig, GenerationStats
+from tidar.runtime import Runtime, StreamedTexts, TextResult
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +213,8 @@ def run_job(runtime: Runtime, job: Job, observer: Observer) -> None:
 def _decode(runtime: Runtime, job: Job, observer: Observer) -> list[TextResult] | None:
     """`Runtime.generate_ids`, driven step by step: None when the job was cancelled."""
     decoder = Decoder(runtime.model, job.gen, job.store)
-    texts = _Texts(runtime.tokenizer, job.stop, len(job.prompts), job.put if job.stream else None)
+    on_text = (lambda i, text: job.put("text", i, text)) if job.stream else None
+    texts = StreamedTexts(runtime.tokenizer, job.stop, len(job.prompts), on_text)
     seqs: list[list[int]] = [[] for _ in job.prompts]
     t0 = time.perf_counter()
     observer.on_batch(len(job.prompts))
@@ -234,7 +234,7 @@ def _decode(runtime: Runtime, job: Job, observer: Observer) -> list[TextResult] 
     return texts.results(seqs, stats, set(runtime.eos_ids))
 
 
-def _commit(decoder: Decoder, emitted: list[list[int]], seqs: list[list[int]], texts: _Texts) -> int:
+def _commit(decoder: Decoder, emitted: list[list[int]], seqs: list[list[int]], texts: StreamedTexts) -> int:
     """Append one step's tokens; a sequence that completed a stop string ends there. Returns the
     number of tokens kept."""
     kept = 0
@@ -248,35 +248,3 @@ def _commit(decoder: Decoder, emitted: list[list[int]], seqs: list[list[int]], t
         seqs[i].extend(toks)
         kept += len(toks)
     return kept
-
-
-class _Texts:
-    """Each sequence's text as its tokens are committed (`TextStreamer`: a stop string is held back
-    until disambiguated and never shown)."""
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str], n: int, on_text: Callable[..., None] | None) -> None:
-        self.streamers = [TextStreamer(tokenizer, stop) for _ in range(n)]
-        self.on_text = on_text
-
-    def push(self, i: int, toks: list[int]) -> int | None:
-        """Returns how many of `toks` to keep when a stop string ended sequence i, else None."""
-        s = self.streamers[i]
-        for n, t in enumerate(toks, 1):  # token by token, so nothing after a stop string is kept
-            text = s.push([t])
-            if text and self.on_text is not None:
-                self.on_text("text", i, text)
-            if s.stopped:
-                return n
-        return None
-
-    def results(self, seqs: list[list[int]], stats: dict[str, Any], eos: set[int]) -> list[TextResult]:
-        out = []
-        for i, s in enumerate(self.streamers):
-            tail = s.push([], final=True)
-            if tail and self.on_text is not None:
-                self.on_text("text", i, tail)
-            toks = seqs[i]
-            hit_eos = bool(toks) and toks[-1] in eos
-            text = s.text()[: s.shown] if s.stopped else s.text()
-            out.append(TextResult(text, toks, dict(stats), "stop" if (hit_eos or s.stopped) else "length"))
-        return out
