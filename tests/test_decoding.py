@@ -51,7 +51,7 @@ class OracleDecoder(Decoder):
 
     def _next_drafts(self, st, bonus, block_logits, shift):
         super()._next_drafts(st, bonus, block_logits, shift)
-        e = self.stats.generated_tokens  # the bonus is reference[e - 1]
+        e = st.stats.generated_tokens  # the bonus is reference[e - 1]
         true = self.reference[e: e + self.b - 1]
         true = true + [0] * (self.b - 1 - len(true))
         st.drafts[0, 1:] = torch.tensor(true)

@@ -55,7 +55,7 @@ def stall(app: FastAPI, at: int = 1, until: str = "release") -> Iterator[SimpleN
         if s.calls == at:
             s.reached.set()
             if until == "cancel":
-                assert state.worker.current.wait_cancelled(SAFETY_S), "the server never cancelled the job"
+                assert state.worker.running[0].wait_cancelled(SAFETY_S), "the server never cancelled the job"
             else:
                 s.release.wait(SAFETY_S)
         return original(*args, **kwargs)

@@ -19,7 +19,7 @@ from tidar.cli.args import (
     str_list,
 )
 from tidar.runtime import Runtime
-from tidar.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT, ServerConfig
+from tidar.serve.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT, ServerConfig
 from tidar.serve.server import ServerConfigError, create_app
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
@@ -61,6 +61,9 @@ def build_parser() -> Parser:
 def _add_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests allowed to wait for the model; past it: 429 with Retry-After (default: {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
+                   help="sequences decoded together: requests join the running batch between steps while it has room "
+                        f"(TiDAR drafts while it holds at most the model's max_draft_batch, AR past it; default: {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-tokens-limit", type=positive_int, default=None,
                    help="largest max_tokens a request may ask for; above it: 400 (default: the model's context decides)")
     p.add_argument("--request-timeout", type=seconds, default=DEFAULT_REQUEST_TIMEOUT,
@@ -85,7 +88,7 @@ def _add_security_args(p: argparse.ArgumentParser) -> None:
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     keys = args.api_key if args.api_key is not None else str_list(os.environ.get(API_KEY_ENV, ""))
-    config = ServerConfig(max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
+    config = ServerConfig(max_queue=args.max_queue, max_batch=args.max_batch, max_tokens_limit=args.max_tokens_limit,
                           request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
                           api_keys=list(keys), allowed_origins=args.allowed_origins, learn=args.learn)
     try:

@@ -2,7 +2,10 @@
 
 `Decoder.stream` is the whole algorithm: a prefill, then steps. A TiDAR step is four calls: feed
 the draft plus [MASK] blocks (`_forward_step`), verify the draft (`_verify`), commit what was
-accepted (`step.commit`), and pick each sequence's next draft (`_next_drafts`). Greedy output
+accepted (`step.commit`), and pick each sequence's next draft (`_next_drafts`). A batch past
+`max_draft_batch` running sequences takes plain AR steps instead (`_ar_step`). For continuous
+batching (the server), `join` prefills new sequences into the running batch between steps, `step`
+runs one forward, and `leave` drops finished or cancelled rows. Greedy output
 equals AR greedy output; sampling uses speculative rejection sampling, so the output distribution
 equals AR sampling. The pieces live in step.py (tensors), accept.py (the rules), drafters/ (the
 draft sources and the policy that picks one), state.py (the batch being decoded).
@@ -13,7 +16,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
 
 import torch
 
@@ -43,7 +45,6 @@ class Decoder:
                                   "set datastore_tokens=0 or build one with `tidar datastore build`")
         self.model = model
         self.store = datastore
-        self.requested = config  # what stream() runs, unless the batch is past max_draft_batch
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.eos = set(config.eos_token_id or model.config.eos_ids)
@@ -52,6 +53,7 @@ class Decoder:
         self.generator.manual_seed(config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self._layouts: dict[tuple[int, ...], StepLayout] = {}
         self._configure(config)
+        self.open()
 
     def _configure(self, cfg: GenerationConfig) -> None:
         self.cfg = cfg
@@ -92,37 +94,66 @@ class Decoder:
 
         Emission stops for a sequence at EOS (included) or max_new_tokens; nothing after is emitted.
         """
+        self.open()
+        yield self.join(prompts)
+        t_start = time.perf_counter()
+        while not all(self.state.done):
+            yield self.step()
+        self.state.stats.total_s = time.perf_counter() - t_start
+
+    # -- continuous batching: rows join and leave between steps ----------------------------------
+    def open(self) -> None:
+        """Start an empty batch (forgetting any previous one) that `join` adds sequences to."""
+        if getattr(self, "state", None) is not None:
+            self.policy.remove(self.state.keys)
+        self.state: BatchState | None = None  # None until the first join
+        self._next_key = 0
+
+    @torch.inference_mode()
+    def join(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int] | None = None) -> list[list[int]]:
+        """Prefill `prompts` (one forward of their own) and append them to the batch as its last
+        rows; returns each one's first token. `max_new_tokens`: per prompt (default: the config's)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GenerationError("every prompt needs at least one token")
-        want = self.requested
-        if want.mode == "tidar" and 0 < want.max_draft_batch < len(prompts):
-            want = replace(want, mode="ar")
-        if want is not self.cfg:
-            self._configure(want)
-        st = self.state = self._new_state(prompts)
-        yield self._prefill(st, prompts)
-        t_start = time.perf_counter()
-        while not all(st.done):
-            yield self._step(st)
-        st.stats.total_s = time.perf_counter() - t_start
+        budgets = list(max_new_tokens) if max_new_tokens is not None else [self.cfg.max_new_tokens] * len(prompts)
+        new = self._new_state(prompts, budgets)
+        first = self._prefill(new, prompts)
+        self.state = new if self.state is None else self.state.concat(new)
+        return first
 
-    def _new_state(self, prompts: Sequence[Sequence[int]]) -> BatchState:
+    @torch.inference_mode()
+    def step(self) -> list[list[int]]:
+        """One forward for every row of the batch: the tokens each row emitted."""
+        return self._step(self.state)
+
+    def leave(self, rows: Sequence[int]) -> None:
+        """Drop these rows (finished or cancelled) from the batch; the others keep their order."""
+        st, gone = self.state, set(rows)
+        self.policy.remove([st.keys[i] for i in gone])
+        self.state = st.select([i for i in range(len(st.done)) if i not in gone])
+
+    def _new_state(self, prompts: Sequence[Sequence[int]], budgets: list[int]) -> BatchState:
         cfg, b, B = self.cfg, self.b, len(prompts)
-        n_max = max(len(p) for p in prompts)
-        if n_max + cfg.max_new_tokens + self.max_draft + b + 1 > self.model.config.max_position_embeddings:
+        lengths = [len(p) for p in prompts]
+        n_max, new_max = max(lengths), max(budgets)
+        worst = max(n + m for n, m in zip(lengths, budgets, strict=True))
+        if worst + self.max_draft + b + 1 > self.model.config.max_position_embeddings:
             raise GenerationError(
-                f"prompt ({n_max}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
+                f"prompt ({n_max}) + max_new_tokens ({new_max}) exceeds the model's "
                 f"{self.model.config.max_position_embeddings} positions")
         # Slots: each step advances the cache by the batch's largest acceptance, and every step
-        # emits >= 1 token for each unfinished sequence, hence this bound.
+        # emits >= 1 token for each unfinished sequence, hence this bound (`_compact` keeps a
+        # batch that rows keep joining within it).
         step_tokens = (self.max_draft + b * (b + 1)) if self.tidar else 1
-        advance = cfg.max_new_tokens if B == 1 else self.max_draft * cfg.max_new_tokens
+        advance = new_max if B == 1 else self.max_draft * new_max
         cache = KVCache(self.model.config, B, n_max + advance + step_tokens + b + 1, self.dtype, self.device)
-        stats = GenerationStats(mode=cfg.mode, acceptance_histogram=[0] * (self.max_draft if self.tidar else 1))
+        stats = GenerationStats(mode="ar", acceptance_histogram=[0] * (self.max_draft if self.tidar else 1))
         gate = DraftGate(cfg.min_draft_gain, b, B) if cfg.min_draft_gain > 0 else None
+        keys = list(range(self._next_key, self._next_key + B))
+        self._next_key += B
         histories = [list(p) for p in prompts]
-        self.policy.start(histories)
-        return BatchState(cache, torch.zeros(B, dtype=torch.long), histories, self.eos, cfg.max_new_tokens, stats, gate)
+        self.policy.add(keys, histories)
+        return BatchState(cache, torch.zeros(B, dtype=torch.long), histories, self.eos, budgets, stats, keys, gate)
 
     # -- prefill and step ---------------------------------------------------------------------
     def _prefill(self, st: BatchState, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -144,11 +175,13 @@ class Decoder:
 
     def _step(self, st: BatchState) -> list[list[int]]:
         """One forward: verify the draft, commit what was accepted, pick the next draft."""
+        self._compact(st)
+        if not self._drafting(st):
+            return self._ar_step(st)
         lay = self._plan(st)
         S = st.cache.length
         hidden, ar_logits, all_logits = self._forward_step(st, lay)
-        if not self.tidar:
-            return self._ar_commit(st, ar_logits)
+        self._mark_tidar(st)
         a, bonus = self._verify(st, ar_logits)
         step.commit(st.cache, S, lay.num_tokens, a)
         st.n_committed += a
@@ -157,11 +190,30 @@ class Decoder:
         self._next_drafts(st, bonus, block_logits, shift)
         return out
 
+    def _drafting(self, st: BatchState) -> bool:
+        """TiDAR for a batch of at most `max_draft_batch` running sequences, AR past it: drafting
+        rows multiply a step's rows, and a large batch's plain AR rows already fill the matmuls."""
+        limit = self.cfg.max_draft_batch
+        return self.tidar and (limit == 0 or len(st.running) <= limit)
+
+    def _compact(self, st: BatchState) -> None:
+        """Close the cache's holes when the next step would not fit, or when they are most of it
+        (every query reads every slot)."""
+        need = st.cache.length + self.max_draft + self.b * (self.b + 1) + 1
+        held = int(st.cache.valid[:, : st.cache.length].sum(-1).max()) if st.done else 0
+        if need > st.cache.max_len or st.cache.length - held > max(KVCache.GROW, held):
+            st.cache.compact()
+
+    def _mark_tidar(self, st: BatchState) -> None:
+        st.stats.mode = "tidar"
+        for i in st.running:
+            st.row_stats[i].mode = "tidar"
+
     def _plan(self, st: BatchState) -> StepLayout:
         """This step's layout: the draft, then a [MASK] block per pre-drafted acceptance length."""
         n_draft = st.drafts.shape[1]
         blocks: tuple[int, ...] = ()
-        if self.tidar and not (st.gate and st.gate.closed):
+        if not (st.gate and st.gate.closed):
             blocks = step.predraft_lengths(self.cfg.policy, self.b, n_draft, st.lengths, st.sources, st.done)
         if st.gate:
             st.gate.tick()
@@ -175,27 +227,35 @@ class Decoder:
         attn = with_prefix(lay.mask, st.cache.valid[:, :S])
         tf = time.perf_counter()
         hidden = self._forward(ids, positions, attn, st.cache, S)
-        st.stats.forward_s += time.perf_counter() - tf
-        st.stats.forwards += 1
-        st.stats.query_tokens += T
-        if not lay.accept_lengths:
-            st.stats.plain_forwards += 1
-            st.stats.plain_query_tokens += T
+        took = time.perf_counter() - tf
+        for s in [st.stats] + [st.row_stats[i] for i in st.running]:  # a sequence's own: the forwards it was in
+            s.forward_s += took
+            s.forwards += 1
+            s.query_tokens += T
+            if not lay.accept_lengths:
+                s.plain_forwards += 1
+                s.plain_query_tokens += T
         # The LM head is the largest matrix: while rows are nearly free (memory-bound), score
         # every row in one pass instead of reading the head twice (verify, then the block).
         all_logits = self.logits(hidden) if T <= step.FREE_ROWS else None
         ar_logits = all_logits[:, : lay.n_clean] if all_logits is not None else self.logits(hidden[:, : lay.n_clean])
         return hidden, ar_logits, all_logits
 
-    def _ar_commit(self, st: BatchState, ar_logits: torch.Tensor) -> list[list[int]]:
+    def _ar_step(self, st: BatchState) -> list[list[int]]:
+        """One AR forward: commit d_1 and choose the next token (any pending draft is dropped)."""
+        st.drafts = st.drafts[:, :1]
+        _, ar_logits, _ = self._forward_step(st, self.layout(1, ()))
         nxt = self._choose(ar_logits[:, 0])
         S = st.cache.length
         st.cache.valid[:, S] = True
         st.cache.truncate(S + 1)
         st.n_committed += 1
-        st.stats.acceptance_histogram[0] += len(st.running)
-        st.drafts = nxt[:, None]
-        return [self._emit(st, i, [int(nxt[i])]) for i in range(len(st.done))]
+        for i in st.running:
+            for s in st.both(i):
+                s.acceptance_histogram[0] += 1
+        B = len(st.done)
+        st.set_drafts(nxt[:, None], None, ["none"] * B, [1] * B, [[] for _ in range(B)])
+        return [self._emit(st, i, [int(nxt[i])]) for i in range(B)]
 
     def _verify(self, st: BatchState, ar_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Acceptance lengths a (B,) in 1..W (1 for finished sequences) and the token after the
@@ -225,9 +285,11 @@ class Decoder:
         out = []
         for i in range(len(st.done)):
             if not st.done[i]:
-                st.stats.acceptance_histogram[int(a[i]) - 1] += 1
-                for source in st.accepted_sources(i, int(a[i])):
-                    st.stats.accepted_drafts[source] += 1
+                self.policy.observe(st.keys[i], st.token_sources[i], int(a[i]) - 1)
+                for s in st.both(i):
+                    s.acceptance_histogram[int(a[i]) - 1] += 1
+                    for source in st.accepted_sources(i, int(a[i])):
+                        s.accepted_drafts[source] += 1
             out.append(self._emit(st, i, st.drafts[i, 1: int(a[i])].tolist() + [int(bonus[i])]))
         if st.gate:
             st.gate.update(a, st.sources, st.done)
@@ -243,7 +305,7 @@ class Decoder:
         for i in range(len(bonus)):
             usable = max(self.b - 1 - int(shift[i]), 0)
             ctx = DraftContext(st.histories[i], block_logits[i] if block_logits is not None else None, usable)
-            drafts.append(self.policy.draft(i, ctx))
+            drafts.append(self.policy.draft(st.keys[i], ctx))
         vocab = self.model.config.vocab_size
         tokens, q, lengths = step.pack_drafts(bonus, drafts, vocab, self.cfg.do_sample)
         mix = step.pack_draft_logits(drafts, tokens.shape[1], vocab) if self.cfg.beta < 1 else None
@@ -254,7 +316,7 @@ class Decoder:
         if out and self.policy.copies:
             start = len(st.histories[i])
             st.histories[i].extend(out)
-            self.policy.extend(i, st.histories[i], start)
+            self.policy.extend(st.keys[i], st.histories[i], start)
         return out
 
     # -- the model and the sampling warp --------------------------------------------------------

@@ -73,7 +73,8 @@ class GenerationConfig:
                                         "tokens per step, probing again every few steps (0 = no gate; a step "
                                         "verifying a copied span feeds no blocks either way)",
                                    at_least=0, tuned=True)
-    max_draft_batch: int = option(0, "a batch of more prompts than this decodes as AR (0 = never)", at_least=0,
+    max_draft_batch: int = option(0, "a step of a batch with more running sequences than this is plain AR; it "
+                                     "drafts again once sequences finish or leave (0 = always draft)", at_least=0,
                                   tuned=True)
 
     def validate(self) -> None:

@@ -302,6 +302,53 @@ class KVCache:
         self.valid[:, n:] = False
         self.length = n
 
+    # -- rows joining and leaving a running batch (continuous batching) -------------------------
+    # Moving a committed K/V entry to another slot or row changes nothing a query sees: positions
+    # are rotated into the keys before they are stored, and the engine's attention is exact
+    # whatever slots its keys sit in (see `kernels.decode_attention`).
+    def select(self, rows: list[int]) -> KVCache:
+        """A cache of only these rows (in this order); the slots stay where they are."""
+        out = KVCache.__new__(KVCache)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.valid.device)
+        out.k = [k.index_select(0, idx) for k in self.k]
+        out.v = [v.index_select(0, idx) for v in self.v]
+        out.valid, out.length, out.max_len = self.valid.index_select(0, idx), self.length, self.max_len
+        return out
+
+    def concat(self, other: KVCache) -> KVCache:
+        """This cache's rows then `other`'s, over the longer of the two; a row's slots past its own
+        cache's length are invalid."""
+        out = KVCache.__new__(KVCache)
+        out.max_len, out.length = max(self.max_len, other.max_len), max(self.length, other.length)
+        cap = max(self.capacity, other.capacity)
+        out.k = [torch.cat([F.pad(a, (0, cap - a.shape[3])), F.pad(b, (0, cap - b.shape[3]))])
+                 for a, b in zip(self.k, other.k, strict=True)]
+        out.v = [torch.cat([F.pad(a, (0, 0, 0, cap - a.shape[2])), F.pad(b, (0, 0, 0, cap - b.shape[2]))])
+                 for a, b in zip(self.v, other.v, strict=True)]
+        out.valid = torch.cat([F.pad(self.valid, (0, out.max_len - self.max_len)), F.pad(other.valid, (0, out.max_len - other.max_len))])
+        return out
+
+    def compact(self) -> None:
+        """Move each row's committed slots to the end of the first n slots (n: the most any row
+        holds), dropping the holes that ragged acceptance and departed rows leave behind."""
+        counts = self.valid[:, : self.length].sum(-1)
+        n = int(counts.max()) if len(counts) else 0
+        # slot j of row i takes its committed entry number j - (n - count_i); earlier slots are padding
+        order = torch.argsort(~self.valid[:, : self.length], dim=-1, stable=True)  # committed slots first, in order
+        take = (torch.arange(n, device=counts.device)[None, :] - (n - counts)[:, None])
+        valid = take >= 0
+        src = order.gather(1, take.clamp(min=0)) if self.length else take.clamp(min=0)
+        cap = min(max(-(-n // self.GROW) * self.GROW, self.GROW), max(self.max_len, n))
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            B, H, D, _ = k.shape
+            kk = k.gather(3, src[:, None, None, :].expand(B, H, D, n))
+            vv = v.gather(2, src[:, None, :, None].expand(B, H, n, D))
+            self.k[i] = F.pad(kk, (0, cap - n))
+            self.v[i] = F.pad(vv, (0, 0, 0, cap - n))
+        self.valid.zero_()
+        self.valid[:, :n] = valid
+        self.length = n
+
     def layers(self, offset: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (K^T, V) storage, after checking that n tokens written at `offset` fit."""
         if offset + n > self.max_len:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_QUEUE = 64
+DEFAULT_MAX_BATCH = 16  # sequences decoding together; measured in docs/results.md (load test)
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: ~250K tokens of text, far past any model's context
 DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds; long enough for a full context on a CPU
 
@@ -16,6 +17,7 @@ class ServerConfigError(ValueError):
 @dataclass
 class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for the worker; past it: 429
+    max_batch: int = DEFAULT_MAX_BATCH  # sequences in the running batch (continuous batching)
     max_tokens_limit: int | None = None  # cap on max_tokens (None: the context size decides)
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT  # seconds from arrival; None: no limit
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -26,6 +28,8 @@ class ServerConfig:
     def check(self) -> None:
         if self.max_queue < 1:
             raise ServerConfigError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.max_batch < 1:
+            raise ServerConfigError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
             raise ServerConfigError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         if self.request_timeout is not None and not self.request_timeout > 0:

@@ -28,7 +28,7 @@ class ServerState:
         self.created = int(time.time())
         self.keys = ApiKeys(config.api_keys)
         self.learning = Learning(runtime.datastore, learn, len(self.keys))
-        self.worker = Worker(runtime, config.max_queue)
+        self.worker = Worker(runtime, config.max_queue, max_batch=config.max_batch)
         self.metrics = Metrics(self.worker)
         self.worker.observer = self.metrics  # the worker reports its steps to the metrics
         # tokenization and chat templates: off the event loop (a huge prompt must not stall /health),

@@ -38,18 +38,28 @@ class DraftContext:
 
 
 class Drafter:
-    """A draft source. Sources that index the context override `start` and `extend`."""
+    """A draft source. Sources that index the context override `add`, `extend` and `remove`.
+
+    Sequences are named by keys that the engine keeps while rows join and leave its batch.
+    """
 
     source = "none"
     max_tokens = 0  # the longest draft it proposes (sizes the KV cache)
 
     def start(self, histories: Sequence[list[int]]) -> None:
-        """A new batch: `histories` are its prompts."""
+        """A new batch of these prompts, keyed 0, 1, ..."""
+        self.add(range(len(histories)), histories)
 
-    def extend(self, i: int, history: list[int], start: int) -> None:
-        """Sequence i's history grew: `history[start:]` is new."""
+    def add(self, keys: Sequence[int], histories: Sequence[list[int]]) -> None:
+        """New sequences joined the batch: `histories` are their prompts."""
 
-    def propose(self, i: int, ctx: DraftContext) -> Draft | None:
+    def remove(self, keys: Sequence[int]) -> None:
+        """These sequences left the batch."""
+
+    def extend(self, key: int, history: list[int], start: int) -> None:
+        """Sequence `key`'s history grew: `history[start:]` is new."""
+
+    def propose(self, key: int, ctx: DraftContext) -> Draft | None:
         raise NotImplementedError
 
 
@@ -71,18 +81,25 @@ class DraftPolicy:
     def max_tokens(self) -> int:
         return max((d.max_tokens for d in self.sources), default=0)
 
-    def start(self, histories: Sequence[list[int]]) -> None:
+    def add(self, keys: Sequence[int], histories: Sequence[list[int]]) -> None:
         for d in self.copies:
-            d.start(histories)
+            d.add(keys, histories)
 
-    def extend(self, i: int, history: list[int], start: int) -> None:
+    def remove(self, keys: Sequence[int]) -> None:
         for d in self.copies:
-            d.extend(i, history, start)
+            d.remove(keys)
 
-    def draft(self, i: int, ctx: DraftContext) -> Draft:
-        base = self.diffusion.propose(i, ctx) if self.diffusion and ctx.block_logits is not None else None
+    def extend(self, key: int, history: list[int], start: int) -> None:
+        for d in self.copies:
+            d.extend(key, history, start)
+
+    def observe(self, key: int, token_sources: list[str], accepted: int) -> None:
+        """Sequence `key`'s last draft (d_2.., by source) was verified: its first `accepted` tokens held."""
+
+    def draft(self, key: int, ctx: DraftContext) -> Draft:
+        base = self.diffusion.propose(key, ctx) if self.diffusion and ctx.block_logits is not None else None
         for source in self.copies:
-            copy = source.propose(i, ctx)
+            copy = source.propose(key, ctx)
             if copy is not None and copy.tokens:
                 return overlay(base, copy)
         return base or Draft([], "none")

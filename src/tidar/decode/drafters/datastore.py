@@ -282,6 +282,6 @@ class DatastoreDrafter(Drafter):
         self.store = store
         self.max_tokens = max_tokens
 
-    def propose(self, i: int, ctx: DraftContext) -> Draft | None:
+    def propose(self, key: int, ctx: DraftContext) -> Draft | None:
         tokens = self.store.draft(ctx.history, self.max_tokens)
         return Draft(tokens, self.source) if tokens else None

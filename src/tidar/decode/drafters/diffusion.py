@@ -24,7 +24,7 @@ class DiffusionDrafter(Drafter):
         self.sampling = sampling
         self.generator = generator
 
-    def propose(self, i: int, ctx: DraftContext) -> Draft:
+    def propose(self, key: int, ctx: DraftContext) -> Draft:
         rows = ctx.block_logits[1:]  # (b - 1, V): the positions after the bonus token
         q = None
         if self.sampling is not None:
@@ -55,6 +55,12 @@ class DraftGate:
     @property
     def closed(self) -> bool:
         return self.plain_steps_left > 0
+
+    def select(self, rows: list[int]) -> None:
+        self.gains = [self.gains[i] for i in rows]
+
+    def extend(self, n: int) -> None:
+        self.gains += [1.0] * n
 
     def tick(self) -> None:
         self.plain_steps_left = max(self.plain_steps_left - 1, 0)

@@ -18,22 +18,26 @@ class LookupDrafter(Drafter):
     def __init__(self, ngram: int, max_tokens: int) -> None:
         self.n = ngram
         self.max_tokens = max_tokens
-        self.index: list[dict[tuple[int, ...], list[int]]] = []
+        self.index: dict[int, dict[tuple[int, ...], list[int]]] = {}  # per sequence key
 
-    def start(self, histories: Sequence[list[int]]) -> None:
-        self.index = [{} for _ in histories]
-        for i, h in enumerate(histories):
-            self.extend(i, h, 0)
+    def add(self, keys: Sequence[int], histories: Sequence[list[int]]) -> None:
+        for key, h in zip(keys, histories, strict=True):
+            self.index[key] = {}
+            self.extend(key, h, 0)
 
-    def extend(self, i: int, history: list[int], start: int) -> None:
+    def remove(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            self.index.pop(key, None)
+
+    def extend(self, key: int, history: list[int], start: int) -> None:
         """Record, for every n-gram ending before position j >= start, that token j followed it."""
-        n, index = self.n, self.index[i]
+        n, index = self.n, self.index[key]
         for j in range(max(start, n), len(history)):
             index.setdefault(tuple(history[j - n: j]), []).append(j)
 
-    def propose(self, i: int, ctx: DraftContext) -> Draft | None:
+    def propose(self, key: int, ctx: DraftContext) -> Draft | None:
         hist, n, limit = ctx.history, self.n, self.max_tokens
-        where = self.index[i].get(tuple(hist[-n:])) if len(hist) >= n else None
+        where = self.index[key].get(tuple(hist[-n:])) if len(hist) >= n else None
         if not where:
             return None
         end = len(hist)
