@@ -4,8 +4,6 @@ The prompt functions tokenize: the routes run them off the event loop (`ServerSt
 
 from __future__ import annotations
 
-import secrets
-
 from tidar.decode import GenerationConfig, GenerationError
 from tidar.decode.options import MIN_TEMPERATURE, check_option, options
 from tidar.model.weights import chat_ids
@@ -56,11 +54,9 @@ def check_common(state: ServerState, req: SamplingRequest) -> None:
 def generation_config(state: ServerState, req: SamplingRequest, max_tokens: int) -> GenerationConfig:
     temperature = 1.0 if req.temperature is None else req.temperature
     sampling = temperature >= GREEDY_TEMPERATURE and (req.top_p is None or req.top_p >= GREEDY_TOP_P)
+    # An unseeded request stays unseeded: the engine seeds its generator from the OS, and requests
+    # without a seed can share a running batch (a seeded one decodes alone, to be reproducible).
     seed = req.seed
-    if sampling and seed is None:
-        # The engine's unseeded generator starts from torch's fixed default seed: without this
-        # every unseeded request would draw the same "random" text.
-        seed = secrets.randbits(63)
     extensions = {f.name: getattr(req, f.name) for f in options("request")}
     if not sampling:
         extensions["top_k"] = None  # a sampling option, meaningless for greedy (as temperature and top_p)
