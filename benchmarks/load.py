@@ -111,6 +111,37 @@ async def one_request(client: httpx.AsyncClient, body: dict, headers: dict) -> d
     return out
 
 
+async def probe_health(client: httpx.AsyncClient, stop: asyncio.Event, headers: dict, every_s: float = 0.25) -> list[float]:
+    """GET /health every `every_s` until `stop`; each answer's latency in ms (the server must answer while busy)."""
+    out: list[float] = []
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        r = await client.get("/health", headers=headers)
+        if r.status_code == 200:
+            out.append((time.perf_counter() - t0) * 1000)
+        try:
+            await asyncio.wait_for(stop.wait(), every_s)
+        except asyncio.TimeoutError:
+            pass
+    return out
+
+
+async def overload(client: httpx.AsyncClient, n: int, headers: dict, max_tokens: int = 8) -> dict:
+    """`n` requests at once, more than the batch and the queue hold: how many are refused (429) and
+    how fast, and that the rest complete."""
+    async def one(i: int) -> tuple[int, float]:
+        body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
+        t0 = time.perf_counter()
+        r = await client.post("/v1/completions", json=body, headers=headers)
+        return r.status_code, (time.perf_counter() - t0) * 1000
+
+    got = await asyncio.gather(*(one(i) for i in range(n)))
+    refused = [ms for status, ms in got if status == 429]
+    return {"sent": n, "ok": sum(status == 200 for status, _ in got), "rate_limited": len(refused),
+            "other": sorted({status for status, _ in got} - {200, 429}),
+            "rate_limited_p50_ms": percentile(refused, 0.5), "rate_limited_max_ms": max(refused, default=None)}
+
+
 async def run_level(client: httpx.AsyncClient, *, mode: str, sampling: str, concurrency: int, requests: int,
                     max_tokens: int, deadline: float, headers: dict, prompts: list[str]) -> dict:
     """N requests with exactly `concurrency` in flight; no request starts past `deadline` (monotonic)."""
@@ -128,8 +159,12 @@ async def run_level(client: httpx.AsyncClient, *, mode: str, sampling: str, conc
             results[i] = await one_request(client, body, headers)
 
     t0 = time.perf_counter()
+    stop = asyncio.Event()
+    probe = asyncio.create_task(probe_health(client, stop, headers))
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+    stop.set()
+    health_ms = await probe
 
     done = [r for r in results if r is not None]
     ok = [r for r in done if r["error"] is None]
@@ -148,6 +183,7 @@ async def run_level(client: httpx.AsyncClient, *, mode: str, sampling: str, conc
         "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else None,
         "latency_p50_s": percentile(latencies, 0.5), "latency_p95_s": percentile(latencies, 0.95),
         "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95),
+        "health_p50_ms": percentile(health_ms, 0.5), "health_max_ms": max(health_ms, default=None),
         "exact": None, "exact_compared": None,
         "outputs": [r["text"] if r is not None else None for r in results],
     }
@@ -197,7 +233,7 @@ def _fmt(x: float | None, scale: float = 1.0, digits: int = 2) -> str:
 
 
 HEADER = (f"{'mode':<6} {'sampling':<8} {'C':>3} {'sent':>5} {'ok':>5} {'429':>4} {'err':>4} {'tok/s':>8} "
-          f"{'lat p50':>8} {'lat p95':>8} {'ttft p50':>8} {'ttft p95':>8} {'exact':>7}")
+          f"{'lat p50':>8} {'lat p95':>8} {'ttft p50':>8} {'ttft p95':>8} {'exact':>7} {'health ms':>9}")
 
 
 def format_row(r: dict) -> str:
@@ -205,7 +241,7 @@ def format_row(r: dict) -> str:
     return (f"{r['mode']:<6} {r['sampling']:<8} {r['concurrency']:>3} {r['sent']:>5} {r['ok']:>5} "
             f"{r['rate_limited']:>4} {r['failed'] - r['rate_limited']:>4} {_fmt(r['tokens_per_s'], digits=1):>8} "
             f"{_fmt(r['latency_p50_s']):>8} {_fmt(r['latency_p95_s']):>8} {_fmt(r['ttft_p50_s']):>8} "
-            f"{_fmt(r['ttft_p95_s']):>8} {exact:>7}")
+            f"{_fmt(r['ttft_p95_s']):>8} {exact:>7} {_fmt(r['health_max_ms'], digits=1):>9}")
 
 
 def free_port() -> int:
@@ -218,9 +254,9 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "tidar.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", "--max-queue", str(max(64, max(args.concurrency)))]
-    for flag in ("model", "dtype", "threads"):
+    for flag in ("model", "dtype", "threads", "max_batch"):
         if getattr(args, flag) is not None:
-            cmd += [f"--{flag}", str(getattr(args, flag))]
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     env = dict(os.environ)
     if args.api_key:
         env["TIDAR_API_KEY"] = args.api_key  # not on the command line, which other users can read
@@ -264,6 +300,10 @@ async def drive(args: argparse.Namespace, url: str) -> dict:
                              requests=args.requests, max_tokens=args.max_tokens, time_limit=args.time_limit,
                              api_key=args.api_key, log=lambda r: print(format_row(r), flush=True))
         out["health"] = health
+        if args.overload:
+            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+            out["overload"] = await overload(client, args.overload, headers)
+            print("overload:", json.dumps(out["overload"]), flush=True)
         out["health_after"] = (await client.get("/health")).json()
     return out
 
@@ -292,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="--serve: model passed to tidar serve")
     p.add_argument("--dtype", default=None, help="--serve: dtype passed to tidar serve")
     p.add_argument("--threads", type=int, default=None, help="--serve: torch threads of tidar serve")
+    p.add_argument("--max-batch", type=int, default=None, help="--serve: sequences decoded together (tidar serve --max-batch)")
+    p.add_argument("--overload", type=int, default=0,
+                   help="after the levels, send this many 8-token requests at once (more than the batch and the queue hold) "
+                        "and report the 429s and how fast they came (default: 0, off)")
     p.add_argument("--startup-timeout", type=float, default=600, help="--serve: seconds to wait for /health")
     p.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 64], help="levels (default: 1,4,16,64)")
     p.add_argument("--modes", type=name_list(("tidar", "ar")), default=["tidar", "ar"])

@@ -124,6 +124,20 @@ def test_a_batch_past_max_draft_batch_steps_as_ar_and_drafts_again_once_rows_lea
     assert st is not None and st.stats.mode == "tidar"
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_sampling_through_ar_and_drafting_steps_and_joins(beta):
+    """A sampled batch that switches between AR and drafting steps and takes joins: after an AR step
+    the next drafting step verifies an empty draft, which still needs its proposal distributions."""
+    model = tiny_model(seed=8)
+    dec = Decoder(model, GenerationConfig(max_new_tokens=30, block_size=3, max_draft_batch=2, do_sample=True,
+                                          temperature=0.9, seed=3, beta=beta))
+    budgets = [5, 30, 9, 30, 30, 3, 30]
+    out, sizes = run(dec, ARRIVALS, budgets)
+    assert [len(out[k]) for k in range(len(PROMPTS))] == budgets  # the tiny model has no EOS
+    assert min(sizes) <= 2 < max(sizes)  # both kinds of step ran
+    assert dec.state is None or dec.state.stats.mode == "tidar"
+
+
 def test_row_statistics_count_each_sequence_and_add_up_to_the_batch():
     model = tiny_model(seed=7)
     dec = Decoder(model, GenerationConfig(max_new_tokens=20, block_size=4))

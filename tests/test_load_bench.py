@@ -21,7 +21,7 @@ _spec.loader.exec_module(load)
 
 FIELDS = {"mode", "sampling", "concurrency", "requests", "sent", "complete", "ok", "failed", "rate_limited", "errors",
           "completion_tokens", "wall_s", "tokens_per_s", "latency_p50_s", "latency_p95_s", "ttft_p50_s",
-          "ttft_p95_s", "exact", "exact_compared", "outputs"}
+          "ttft_p95_s", "exact", "exact_compared", "outputs", "health_p50_ms", "health_max_ms"}
 
 
 def test_load_levels_on_the_tiny_model():
@@ -43,6 +43,7 @@ def test_load_levels_on_the_tiny_model():
         assert 0 < r["latency_p50_s"] <= r["latency_p95_s"]
         assert r["ttft_p50_s"] is not None and r["ttft_p50_s"] <= r["latency_p95_s"]
         assert all(isinstance(t, str) for t in r["outputs"])
+        assert r["health_max_ms"] >= r["health_p50_ms"] > 0  # /health was probed while the level ran
         if r["sampling"] == "greedy":
             assert r["exact"] == r["exact_compared"] == 6
         else:
@@ -52,6 +53,20 @@ def test_load_levels_on_the_tiny_model():
                      for c in (1, 4))
         assert four["outputs"] == one["outputs"]
     assert load.format_row(rows[0]).split()[:3] == ["tidar", "greedy", "1"]
+
+
+def test_an_overload_burst_is_refused_with_429_and_the_rest_complete():
+    app = make_app(max_queue=2, max_batch=1)
+
+    async def go() -> dict:
+        async with async_client(app) as client:
+            return await load.overload(client, 12, {})
+
+    out = asyncio.run(go())
+    # one decoding and two waiting at the first refusal; later arrivals may find room again
+    assert out["sent"] == 12 and out["ok"] + out["rate_limited"] == 12 and out["other"] == []
+    assert out["ok"] >= 3 and out["rate_limited"] >= 1
+    assert out["rate_limited_max_ms"] >= out["rate_limited_p50_ms"] > 0
 
 
 def test_the_time_limit_stops_the_run():

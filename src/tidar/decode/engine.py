@@ -21,7 +21,7 @@ import torch
 
 from tidar.decode import step
 from tidar.decode.accept import greedy_accept, mixed_target, speculative_accept
-from tidar.decode.drafters import DraftContext, DraftPolicy
+from tidar.decode.drafters import Draft, DraftContext, DraftPolicy
 from tidar.decode.drafters.datastore import Datastore, DatastoreDrafter
 from tidar.decode.drafters.diffusion import DiffusionDrafter, DraftGate
 from tidar.decode.drafters.lookup import LookupDrafter
@@ -254,7 +254,9 @@ class Decoder:
             for s in st.both(i):
                 s.acceptance_histogram[0] += 1
         B = len(st.done)
-        st.set_drafts(nxt[:, None], None, ["none"] * B, [1] * B, [[] for _ in range(B)])
+        none = [Draft([], "none")] * B  # the next step verifies no draft (as after a step without blocks)
+        tokens, q, lengths = step.pack_drafts(nxt, none, self.model.config.vocab_size, self.cfg.do_sample)
+        st.set_drafts(tokens, q, ["none"] * B, lengths, [[] for _ in range(B)])
         return [self._emit(st, i, [int(nxt[i])]) for i in range(B)]
 
     def _verify(self, st: BatchState, ar_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
