@@ -126,19 +126,40 @@ async def probe_health(client: httpx.AsyncClient, stop: asyncio.Event, headers: 
     return out
 
 
-async def overload(client: httpx.AsyncClient, n: int, headers: dict, max_tokens: int = 8) -> dict:
-    """`n` requests at once, more than the batch and the queue hold: how many are refused (429) and
-    how fast, and that the rest complete."""
-    async def one(i: int) -> tuple[int, float]:
-        body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
+async def overload(client: httpx.AsyncClient, n: int, headers: dict, probes: int = 20, max_tokens: int = 8,
+                   burst: httpx.AsyncClient | None = None) -> dict:
+    """Fill the server: `n` requests at once (more than the batch and the queue hold). Once /health
+    says it is saturated, send `probes` requests one after another and time their answers (429
+    expected: the refusal a client waits for). Then wait for the burst and count its outcomes."""
+    def body(i: int) -> dict:
+        return {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
+
+    async def one(c: httpx.AsyncClient, i: int) -> tuple[int, float]:
         t0 = time.perf_counter()
-        r = await client.post("/v1/completions", json=body, headers=headers)
+        r = await c.post("/v1/completions", json=body(i), headers=headers)
         return r.status_code, (time.perf_counter() - t0) * 1000
 
-    got = await asyncio.gather(*(one(i) for i in range(n)))
-    refused = [ms for status, ms in got if status == 429]
-    return {"sent": n, "ok": sum(status == 200 for status, _ in got), "rate_limited": len(refused),
-            "other": sorted({status for status, _ in got} - {200, 429}),
+    # by default a client of its own with a connection per request: no request waits for a free connection
+    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
+    own = burst is None
+    burst = burst or httpx.AsyncClient(base_url=client.base_url, limits=limits, timeout=client.timeout, trust_env=False)
+    try:
+        tasks = [asyncio.create_task(one(burst, i)) for i in range(n)]
+        saturated = False
+        for _ in range(400):
+            if (await client.get("/health", headers=headers)).json().get("saturated"):
+                saturated = True
+                break
+            await asyncio.sleep(0.05)
+        probed = [await one(client, i) for i in range(probes)] if saturated else []
+        got = await asyncio.gather(*tasks)
+    finally:
+        if own:
+            await burst.aclose()
+    refused = [ms for status, ms in probed if status == 429]
+    return {"sent": n, "ok": sum(status == 200 for status, _ in got), "rate_limited": sum(status == 429 for status, _ in got),
+            "other": sorted({status for status, _ in got + probed} - {200, 429}), "saturated": saturated,
+            "probes": len(probed), "probes_rate_limited": len(refused),
             "rate_limited_p50_ms": percentile(refused, 0.5), "rate_limited_max_ms": max(refused, default=None)}
 
 

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the `serve` extra (fastapi, uvicorn) is not installed")
 pytest.importorskip("httpx", reason="the load test drives the server with httpx")
 
-from test_server_limits import async_client, make_app  # noqa: E402
+from test_server_limits import async_client, make_app, stall, until  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("load_bench", Path(__file__).parents[1] / "benchmarks" / "load.py")
 load = importlib.util.module_from_spec(_spec)
@@ -55,17 +55,22 @@ def test_load_levels_on_the_tiny_model():
     assert load.format_row(rows[0]).split()[:3] == ["tidar", "greedy", "1"]
 
 
-def test_an_overload_burst_is_refused_with_429_and_the_rest_complete():
+def test_an_overload_burst_fills_the_queue_and_probes_get_429_fast():
     app = make_app(max_queue=2, max_batch=1)
 
     async def go() -> dict:
         async with async_client(app) as client:
-            return await load.overload(client, 12, {})
+            with stall(app) as s:  # hold the first request, so the burst fills the queue deterministically
+                task = asyncio.create_task(load.overload(client, 6, {}, probes=3, burst=client))
+                await until(lambda: s.reached.is_set() and app.state.server.worker.saturated, "the queue filled")
+                await until(lambda: app.state.server.worker.depth == 2 and s.calls >= 1, "the burst arrived")
+                await asyncio.sleep(0.3)  # the probes run against the full queue
+                s.release.set()
+                return await task
 
     out = asyncio.run(go())
-    # one decoding and two waiting at the first refusal; later arrivals may find room again
-    assert out["sent"] == 12 and out["ok"] + out["rate_limited"] == 12 and out["other"] == []
-    assert out["ok"] >= 3 and out["rate_limited"] >= 1
+    assert out["saturated"] and out["probes"] == out["probes_rate_limited"] == 3
+    assert out["sent"] == 6 and out["ok"] == 3 and out["rate_limited"] == 3 and out["other"] == []
     assert out["rate_limited_max_ms"] >= out["rate_limited_p50_ms"] > 0
 
 
