@@ -145,7 +145,7 @@ class RecordingDecoder(Decoder):
     def _next_drafts(self, st, bonus, block_logits, shift) -> None:  # noqa: ANN001
         super()._next_drafts(st, bonus, block_logits, shift)
         self.drafts.append(st.drafts[0].tolist())
-        st.drafts[0, 1:] = torch.tensor(oracle_tokens(self.ref, self.stats.generated_tokens, st.drafts.shape[1] - 1))
+        st.drafts[0, 1:] = torch.tensor(oracle_tokens(self.ref, st.stats.generated_tokens, st.drafts.shape[1] - 1))
 
 
 def test_drafts_are_tidar_s_own(exported, monkeypatch) -> None:
