@@ -17,7 +17,7 @@ pytest.importorskip("httpx", reason="fastapi's TestClient needs httpx")
 
 from conftest import tiny_model  # noqa: E402
 from test_server import CharTokenizer  # noqa: E402
-from test_server_limits import SAFETY_S, async_client, asgi_post, stall, until  # noqa: E402
+from test_server_limits import SAFETY_S, asgi_post, async_client, stall, until  # noqa: E402
 
 from tidar.runtime import Runtime  # noqa: E402
 from tidar.serve.server import ServerConfig, create_app  # noqa: E402
