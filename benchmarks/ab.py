@@ -1,8 +1,9 @@
 """Same-process A/B of engine variants on HumanEval (or held-out prose) prompts: each variant is a set of
 GenerationConfig overrides on top of the shipped operating point (plus "pack": false for plain
 F.linear weights, "kernels": false for the engine's PyTorch path instead of `tidar.model.kernels`, and
-"adapter_off": ["o", "down"] to run those fused projections without their mask-row adapter, and "model": a
-model directory to run instead of the shipped one, e.g. a candidate drafter from `tidar export`), run
+"adapter_off": ["o", "down"] to run those fused projections without their mask-row adapter, "weights": "q4" or
+"dense" for the base projections' path, and "model": a model directory to run instead of the shipped one, e.g.
+a candidate drafter from `tidar export`), run
 interleaved per prompt with the order rotated, so machine noise hits all variants alike. Reports
 tokens/s, the ratio to the first variant, tokens and rows per forward, and whether outputs agree.
 
@@ -12,6 +13,9 @@ tokens/s, the ratio to the first variant, tokens and rows per forward, and wheth
         '{"ar": {"mode": "ar", "pack": false}, "ar+pack": {"mode": "ar"}, "tidar": {"pack": false}, "tidar+pack": {}}'
     .venv/bin/python benchmarks/ab.py --start 80 --limit 16 \
         --variants '{"ar": {"mode": "ar"}, "all": {}, "no_o_down": {"adapter_off": ["o", "down"]}}'
+    .venv/bin/python benchmarks/ab.py --limit 24 --variants \
+        '{"ar": {"mode": "ar", "weights": "dense"}, "ar-q4": {"mode": "ar", "weights": "q4"}, \
+          "tidar": {"weights": "dense"}, "tidar-q4": {"weights": "q4"}}'
     .venv/bin/python benchmarks/ab.py --limit 164 \
         --variants '{"ar": {"mode": "ar"}, "shipped": {}, "new": {"model": "out/candidate"}}'
 
@@ -52,8 +56,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
     variants = json.loads(args.variants)
-    runtimes = {m: Runtime.load(m, dtype=args.dtype) for m in dict.fromkeys(v.get("model") for v in variants.values())}
-    rt = runtimes[None] if None in runtimes else next(iter(runtimes.values()))
+    keys = dict.fromkeys((v.get("model"), v.get("weights")) for v in variants.values())
+    runtimes = {(m, w): Runtime.load(m, dtype=args.dtype, weights=w) for m, w in keys}
+    rt = next(iter(runtimes.values()))
     if args.prompts == "demo":
         from tidar.demo import PROMPTS
 
@@ -69,7 +74,7 @@ def main() -> None:
     for i, ids in enumerate(prompts):
         for name in names[i % len(names):] + names[: i % len(names)]:
             overrides = dict(variants[name])
-            m = overrides.pop("model", None)
+            m = (overrides.pop("model", None), overrides.pop("weights", None))
             rt = runtimes[m]
             rt.model.pack_weights(overrides.pop("pack", True))
             rt.model.use_kernels(overrides.pop("kernels", True))

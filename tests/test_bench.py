@@ -64,7 +64,7 @@ METHOD_KEYS = {"tokens_per_s", "tokens_per_forward", "speedup_vs_ar", "matches_a
 
 
 def test_json_schema_and_plots(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, name=None, dtype="bfloat16", compile=None: tiny_runtime()))
+    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, name=None, dtype="bfloat16", compile=None, weights=None: tiny_runtime()))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "def f(x):"}, {"prompt": "hello world"},
                                                  {"prompt": "abc abc abc", "chat": False}])
     profile = tmp_path / "profile.json"

@@ -38,14 +38,15 @@ def step_cost_note(tidar: dict, ar: dict) -> str:
 
 
 def run_demo(model: str | None = None, dtype: str = "bfloat16", max_new_tokens: int = 96,
-             out_dir: str | Path = "out/demo", compile: bool | None = None, exact_check: bool = True) -> list[dict]:
+             out_dir: str | Path = "out/demo", compile: bool | None = None, weights: str | None = None,
+             exact_check: bool = True) -> list[dict]:
     """Each of PROMPTS decoded by TiDAR's shipped mix (streamed), AR and TiDAR with diffusion drafts
     only, with the measured speed ratios; rows go to out_dir/demo.json and out_dir/demo.png. With
     `exact_check`, prompts whose outputs differed in a lower precision are decoded again in float32,
     where rounding ties cannot hide a real difference."""
     t = time.perf_counter()
-    rt = Runtime.load(model, dtype=dtype, compile=compile)
-    how = f"{dtype}{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads"
+    rt = Runtime.load(model, dtype=dtype, compile=compile, weights=weights)
+    how = f"{dtype}, {rt.weights} weights{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads"
     print(f"model: {rt.name} ({how}, loaded in {time.perf_counter() - t:.1f}s)")
     if not rt.operating_point:
         print("note: no trained TiDAR drafter found; using the base model's untrained [MASK] drafts "
@@ -57,7 +58,7 @@ def run_demo(model: str | None = None, dtype: str = "bfloat16", max_new_tokens: 
     rows = [_compare(rt, name, prompt, chat, max_new_tokens, dtype, check) for name, prompt, chat in PROMPTS]
     differed = [i for i, r in enumerate(rows) if not all(r[key] for key, _, _ in VARIANTS)]
     if check and differed:
-        _float32_check(model, rows, differed, dtype, max_new_tokens)
+        _float32_check(model, rows, differed, dtype, max_new_tokens, rt.weights)
     _write(rows, Path(out_dir))
     return rows
 
@@ -119,11 +120,12 @@ def _difference_note(rt: Runtime, prompt: str, chat: bool, ar: list[int], tidar:
             f"near-tie that {dtype} rounding flips between a multi-token and a one-token forward; {check})")
 
 
-def _float32_check(model: str | None, rows: list[dict], differed: list[int], dtype: str, max_new_tokens: int) -> None:
+def _float32_check(model: str | None, rows: list[dict], differed: list[int], dtype: str, max_new_tokens: int,
+                   weights: str) -> None:
     """Decodes again in float32 each TiDAR run (shipped mix, diffusion drafts alone) whose output
     differed from AR's; records `<key>_float32` in its row for each key of VARIANTS that was False."""
     print(f"\n=== exactness check: the {len(differed)} prompt(s) whose {dtype} outputs differed, in float32 ===")
-    rt32 = Runtime.load(model, dtype="float32", compile=False)
+    rt32 = Runtime.load(model, dtype="float32", compile=False, weights=weights)
     for i in differed:
         name, prompt, chat = PROMPTS[i]
         ar = rt32.generate_text(prompt, rt32.generation_config(mode="ar", max_new_tokens=max_new_tokens), chat=chat)

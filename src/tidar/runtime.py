@@ -16,7 +16,14 @@ import torch
 from tidar.decode import DATASTORE_FILE, Datastore, GenerationConfig, GenerationError, TextStreamer, generate
 from tidar.decode.options import check_option, options
 from tidar.model.transformer import Transformer
-from tidar.model.weights import MANIFEST_FILE, WeightsError, chat_ids, load_model, load_tokenizer, resolve_model_path
+from tidar.model.weights import (
+    MANIFEST_FILE,
+    WeightsError,
+    chat_ids,
+    load_for_inference,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TUNED = frozenset(f.name for f in options("tuned"))  # decoding options a model's operating point may set
@@ -93,8 +100,9 @@ class StreamedTexts:
 
 class Runtime:
     def __init__(self, model: Transformer, tokenizer: Any, operating_point: dict[str, Any] | None = None,
-                 name: str = "", datastore: Datastore | None = None) -> None:
+                 name: str = "", datastore: Datastore | None = None, weights: str = "dense") -> None:
         self.model = model
+        self.weights = weights  # how the base projections run: "q4" (the GGUF's blocks) or "dense"
         self.tokenizer = tokenizer
         self.operating_point = operating_point or {}
         self.name = name
@@ -107,15 +115,21 @@ class Runtime:
         return getattr(self.model, "datastore", None)
 
     @classmethod
-    def load(cls, name: str | None = None, dtype: str = "bfloat16", compile: bool | None = None) -> Runtime:
-        """`compile`: run the decoder blocks through torch.compile (None: the operating point's choice)."""
+    def load(cls, name: str | None = None, dtype: str = "bfloat16", compile: bool | None = None,
+             weights: str | None = None) -> Runtime:
+        """`compile`: run the decoder blocks through torch.compile (None: the operating point's choice);
+        `weights`: q4 | dense (None: q4 where the base is a GGUF, see `load_for_inference`)."""
         path = resolve_model_path(name)
-        model = load_model(path, dtype=DTYPE[dtype]).fuse_for_inference()
-        tokenizer = load_tokenizer(path)
         op = operating_point(path)
+        compile = compile if compile is not None else op.get("compile", False)
+        if compile and weights == "q4":
+            raise WeightsError("--compile runs the dense weights (inductor cannot trace the Q4_1 kernel); "
+                               "drop --compile or use --weights dense")
+        model, taken = load_for_inference(name, DTYPE[dtype], "dense" if compile else weights)
+        tokenizer = load_tokenizer(path)
         datastore = Datastore.load(path) if (path / DATASTORE_FILE).exists() else None
-        rt = cls(model, tokenizer, op, name=str(path), datastore=datastore)
-        if compile if compile is not None else op.get("compile", False):
+        rt = cls(model, tokenizer, op, name=str(path), datastore=datastore, weights=taken)
+        if compile:
             rt.compile()
         return rt
 

@@ -71,6 +71,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model directory, or 'smollm2' for the base model (default: the shipped TiDAR model)")
     p.add_argument("--dtype", type=dtype_arg, default="bfloat16", help="float32 | bfloat16 (default)")
+    p.add_argument("--weights", default=None, metavar="{q4,dense}",
+                   help="the base projections on the GGUF's own 4-bit Q4_1 blocks (q4: the model as published, "
+                        "fastest) or on dense copies in --dtype (default: q4 where the model's base is a GGUF "
+                        "and the kernel builds, else dense)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decoder blocks (default: the model's operating point)")

@@ -10,7 +10,7 @@ from pathlib import Path
 from tidar.cli.args import (
     Parser,
     add_generation_args,
-    dtype_arg,
+    add_model_args,
     float_list,
     generation_overrides,
     int_list,
@@ -37,11 +37,7 @@ ENGINE_FLAGS = [f.name for f in options("tuned")] + ["beta"]
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
     """Options shared by `tidar bench` and `tidar eval humaneval`."""
-    p.add_argument("--model", default=None, help="model directory, or 'smollm2' (default: the shipped TiDAR model)")
-    p.add_argument("--dtype", type=dtype_arg, default="bfloat16", help="float32 | bfloat16 (default)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch and llama.cpp threads (default: all)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decoder blocks for ar/tidar/diffusion/spec (default: the model's operating point)")
+    add_model_args(p)
     g = p.add_argument_group("the tidar methods' decoding options")
     add_generation_args(g, ENGINE_FLAGS)
     p.add_argument("--draft-model", default=None, help="spec: draft model directory")
@@ -62,6 +58,7 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(model=args.model, dtype=args.dtype, threads=args.threads, compile=args.compile,
+                        weights=args.weights,
                         engine=generation_overrides(args, ENGINE_FLAGS),
                         sampling=generation_overrides(args, SAMPLING_OPTIONS), draft_model=args.draft_model,
                         draft_layers=args.draft_layers, thresholds=tuple(args.thresholds), gamma=args.gamma,
@@ -99,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     source = args.prompts if args.prompts in SOURCES else str(Path(args.prompts))
     report, rt = benchmark(opts, prompts, methods, args.max_new_tokens, source, progress=not args.no_progress)
     path = " | tidar.kernels" if rt.model.kernels_on else " | PyTorch engine path"
-    print(f"{rt.name} | {args.dtype}{' compiled' if rt.compiled else ''}{path} | {report['threads']} threads | "
+    print(f"{rt.name} | {args.dtype}, {rt.weights} weights{' compiled' if rt.compiled else ''}{path} | {report['threads']} threads | "
           f"{len(prompts)} prompts from {source} | max {args.max_new_tokens} new tokens")
     print(format_table(report["methods"]))
     sampling = report["config"]["sampling"]

@@ -24,7 +24,7 @@ def build_parser() -> Parser:
 def demo(args: argparse.Namespace) -> int:
     setup_torch(args.threads)
     run_demo(args.model, dtype=args.dtype, max_new_tokens=args.max_new_tokens, out_dir=args.out,
-             compile=args.compile, exact_check=args.exact_check)
+             compile=args.compile, weights=args.weights, exact_check=args.exact_check)
     return 0
 
 

@@ -48,7 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"--compare already decodes with AR and with diffusion drafts only; drop {what} "
                        "(the run compared is TiDAR's operating point, with any other flags given)")
     setup_torch(args.threads)
-    rt = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)
+    rt = Runtime.load(args.model, dtype=args.dtype, compile=args.compile, weights=args.weights)
     overrides = generation_overrides(args)
     preset = DIFFUSION_ONLY if args.diffusion_only else {}
     gen = rt.generation_config(**{**preset, **overrides})

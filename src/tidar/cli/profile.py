@@ -53,7 +53,7 @@ def build_parser() -> Parser:
 
 def profile(args: argparse.Namespace) -> int:
     setup_torch(args.threads)
-    run_profile(args.model, dtype=args.dtype, compile=args.compile, tokens=args.tokens, prefix=args.prefix,
+    run_profile(args.model, dtype=args.dtype, compile=args.compile, weights=args.weights, tokens=args.tokens, prefix=args.prefix,
                 repeats=args.repeats, choose=args.choose, block_sizes=args.choose_block_sizes,
                 lookup_ngram=args.lookup_ngram, lookup_tokens=args.choose_lookup_tokens, json_path=args.json)
     return 0

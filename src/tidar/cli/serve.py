@@ -100,7 +100,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 def load_runtime(args: argparse.Namespace) -> Runtime:
     setup_torch(args.threads)
-    runtime = Runtime.load(args.model, dtype=args.dtype, compile=args.compile)
+    runtime = Runtime.load(args.model, dtype=args.dtype, compile=args.compile, weights=args.weights)
     if args.learn and runtime.datastore is None:
         raise CLIError(f"--learn needs a model with a datastore; {runtime.name} has none "
                        "(build one with `tidar datastore build`)")

@@ -286,7 +286,7 @@ def benchmark(opts: BenchOptions, prompts: Sequence[Prompt], methods: Sequence[s
     if opts.threads:
         torch.set_num_threads(opts.threads)
     load_start = load_average()
-    rt = Runtime.load(opts.model, dtype=opts.dtype, compile=opts.compile)
+    rt = Runtime.load(opts.model, dtype=opts.dtype, compile=opts.compile, weights=opts.weights)
     ids = [rt.encode(p.text, p.chat) for p in prompts]
     runners = build_runners(rt, methods, opts, max_len=max(len(x) for x in ids) + max_new_tokens + 64)
     cpu = CpuMonitor().start()
@@ -294,7 +294,7 @@ def benchmark(opts: BenchOptions, prompts: Sequence[Prompt], methods: Sequence[s
     other_cpu = cpu.stop()
     report = {
         "model": rt.name, "dtype": opts.dtype, "threads": torch.get_num_threads(), "compiled": rt.compiled,
-        "kernels": rt.model.kernels_on, "prompts": len(prompts), "source": source, "max_new_tokens": max_new_tokens,
+        "weights": rt.weights, "kernels": rt.model.kernels_on, "prompts": len(prompts), "source": source, "max_new_tokens": max_new_tokens,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
         "machine": {**machine_info(), "load_average_start": load_start, "load_average_end": load_average(),
                     "other_cpu_share": other_cpu},

@@ -231,7 +231,7 @@ def humaneval_report(opts: BenchOptions, methods: Sequence[str], limit: int | No
     if opts.threads:
         torch.set_num_threads(opts.threads)
     load_start = load_average()
-    rt = Runtime.load(opts.model, dtype=opts.dtype, compile=opts.compile)
+    rt = Runtime.load(opts.model, dtype=opts.dtype, compile=opts.compile, weights=opts.weights)
     max_len = max(len(rt.encode(p["prompt"])) for p in problems) + max_new_tokens + 64
     runners = build_runners(rt, methods, opts, max_len=max_len)
     cpu = CpuMonitor().start()

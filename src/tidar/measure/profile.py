@@ -176,7 +176,7 @@ def calibrate(runtime, block_sizes: Sequence[int], policies: Sequence[str] = ("a
 DEFAULT_TOKENS = (1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 300)
 
 
-def run_profile(model: str | None = None, dtype: str = "bfloat16", compile: bool | None = None,
+def run_profile(model: str | None = None, dtype: str = "bfloat16", compile: bool | None = None, weights: str | None = None,
                 tokens: Sequence[int] = DEFAULT_TOKENS, prefix: int = 256, repeats: int = 5,
                 choose: bool = False, block_sizes: Sequence[int] = (2, 3, 4), lookup_ngram: int = 0,
                 lookup_tokens: Sequence[int] = (0,), json_path: str | Path | None = None) -> dict[str, Any]:
@@ -186,14 +186,14 @@ def run_profile(model: str | None = None, dtype: str = "bfloat16", compile: bool
     from tidar.runtime import Runtime
 
     tokens = sorted(set(tokens))
-    rt = Runtime.load(model, dtype=dtype, compile=compile)  # the engine's model: fused (+compiled)
-    print(f"forward latency, {dtype}{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads, "
+    rt = Runtime.load(model, dtype=dtype, compile=compile, weights=weights)  # the engine's model: fused (+compiled)
+    print(f"forward latency, {dtype}, {rt.weights} weights{', compiled' if rt.compiled else ''}, {torch.get_num_threads()} threads, "
           f"cached prefix {prefix}")
     # [MASK] rows run the adapter: a step with them and a plain one of the same length differ
     both = latency_profiles(rt.model, tokens, prefix, repeats)
     prof, plain = both[True], both[False]
     _print_profile(tokens, prof, plain)
-    out = {"dtype": dtype, "compiled": rt.compiled, "packed": rt.model.packed, "kernels": rt.model.kernels_on,
+    out = {"dtype": dtype, "weights": rt.weights, "compiled": rt.compiled, "packed": rt.model.packed, "kernels": rt.model.kernels_on,
            "threads": torch.get_num_threads(),
            "prefix": prefix, "latency_s": {str(k): v for k, v in prof.items()},
            "latency_plain_s": {str(k): v for k, v in plain.items()}}

@@ -74,6 +74,7 @@ class BenchOptions:
     dtype: str = "bfloat16"
     threads: int | None = None
     compile: bool | None = None  # None: the model's operating point
+    weights: str | None = None  # q4 | dense; None: q4 where the model's base is a GGUF
     engine: dict[str, Any] = field(default_factory=dict)  # GenerationConfig overrides for ar/tidar methods
     sampling: dict[str, Any] = field(default_factory=dict)  # SAMPLING_OPTIONS overrides for every sampling method
     draft_model: str | None = None  # spec: draft model directory

