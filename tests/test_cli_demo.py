@@ -56,7 +56,7 @@ def demo(monkeypatch):
     (all by default) differ from AR; the models' operating point is calls["operating_point"]."""
     calls: dict = {"loads": [], "runtimes": [], "differ_in": set(), "differs": any_tidar, "operating_point": None}
 
-    def load(cls, name=None, dtype="bfloat16", compile=None):
+    def load(cls, name=None, dtype="bfloat16", compile=None, weights=None):
         calls["loads"].append((name, dtype, compile))
         differs = calls["differs"] if dtype in calls["differ_in"] else None
         calls["runtimes"].append(DemoRuntime(differs, calls["operating_point"]))

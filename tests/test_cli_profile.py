@@ -17,7 +17,7 @@ def profiled(monkeypatch):
     every forward as (new tokens, cache offset) and every calibration generation's config."""
     calls: dict = {"forwards": [], "gens": []}
 
-    def load(cls, name=None, dtype="bfloat16", compile=None):
+    def load(cls, name=None, dtype="bfloat16", compile=None, weights=None):
         calls["load"] = (name, dtype, compile)
         rt = tiny_runtime()
         real = rt.model.forward

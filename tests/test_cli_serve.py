@@ -27,7 +27,7 @@ def served(monkeypatch):
     calls: dict = {"datastore": None}
     monkeypatch.delenv("TIDAR_API_KEY", raising=False)  # keys come from the flags each test passes
 
-    def load(cls, name=None, dtype="bfloat16", compile=None):
+    def load(cls, name=None, dtype="bfloat16", compile=None, weights=None):
         calls["load"] = (name, dtype, compile)
         return Runtime(tiny_model(), CharTokenizer(), {"block_size": 3}, name="/models/tiny",
                        datastore=calls["datastore"])
