@@ -306,7 +306,7 @@ class Worker:
 
     def _retire(self, batch: Batch) -> Batch | None:
         """Rows that are done or cancelled leave the batch; jobs whose rows are all done report."""
-        st, gone = batch.decoder.state, []
+        st, gone, done = batch.decoder.state, [], []
         if st is None:  # every job failed to join
             return None
         for r, (act, k) in enumerate(batch.owners):
@@ -314,7 +314,7 @@ class Worker:
                 gone.append(r)
                 act.stats[k] = {**st.row_stats[r].as_dict(), "wall_s": round(time.perf_counter() - act.joined, 4)}
                 if act.finished and not act.job.cancelled and not act.job.finished:
-                    self._finish(act, st.row_stats[r])
+                    done.append((act, st.row_stats[r]))
         if not gone:
             return batch
         batch.decoder.leave(gone)
@@ -324,6 +324,8 @@ class Worker:
             self.running = [j for j in self.running if id(j) in live]
             self._cond.notify_all()
         self.observer.on_batch(self.running_batch)
+        for act, stats in done:  # answered last, so a client that reads /metrics next sees the batch without it
+            self._finish(act, stats)
         return batch if batch.owners else None
 
     def _finish(self, act: Active, stats: GenerationStats) -> None:
