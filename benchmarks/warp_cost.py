@@ -11,7 +11,10 @@ implementations run interleaved, order rotated per repeat; medians of --repeats.
 so the nucleus is small, as for a trained LM; `flat` spreads the nucleus over most of the vocabulary
 (every row falls back to the sort: the new warp's worst case); `model` takes real rows from
 the shipped model's forward over a code prompt (or --model's). The table says what share of rows
-the new warp sorted, and checks that both warps agree.
+the new warp sorted, and checks that both warps agree. The last two columns time a warp plus one
+draw per row: over the vocabulary (`sample(warp(...))`, torch.multinomial's exponential race costs a
+random number per token) and among the warp's candidates (`sample_candidates(warp_candidates(...))`,
+what the decoder does).
 """
 
 from __future__ import annotations
@@ -116,24 +119,29 @@ def main() -> None:
     real = model_logits(a.model, max(ROWS)) if a.logits == "model" else None
     impls = {"old": lambda x: old_warp(x, a.temperature, a.top_p),
              "new": lambda x: sampling.warp(x, a.temperature, None, a.top_p),
-             "softmax": lambda x: (x.float() / a.temperature).softmax(-1)}
+             "softmax": lambda x: (x.float() / a.temperature).softmax(-1),
+             "draw_vocab": lambda x: sampling.sample(sampling.warp(x, a.temperature, None, a.top_p), g),
+             "draw_cand": lambda x: sampling.sample_candidates(
+                 sampling.warp_candidates(x, a.temperature, None, a.top_p), g)}
     results = []
     for rows in ROWS:
         logits = real[:rows].contiguous() if real is not None else synthetic_logits(a.logits, rows, g)
         old, new = old_warp(logits, a.temperature, a.top_p), sampling.warp(logits, a.temperature, None, a.top_p)
         ms = median_ms(logits, impls, a.repeats)
         results.append({"rows": rows, "old_ms": round(ms["old"], 4), "new_ms": round(ms["new"], 4),
-                        "softmax_ms": round(ms["softmax"], 4), "speedup": round(ms["old"] / ms["new"], 3),
+                        "softmax_ms": round(ms["softmax"], 4), "draw_vocab_ms": round(ms["draw_vocab"], 4),
+                        "draw_cand_ms": round(ms["draw_cand"], 4), "speedup": round(ms["old"] / ms["new"], 3),
                         "sorted_rows": round(sorted_share(logits, a.temperature, a.top_p), 3),
                         "max_abs_diff": float((old - new).abs().max()),
                         "same_support_rows": int(((old > 0) == (new > 0)).all(-1).sum())})
     print(f"warp, float32 (rows, {VOCAB}) {a.logits} logits, temperature {a.temperature}, top_p {a.top_p}, "
           f"{a.threads} threads, median of {a.repeats}, torch {torch.__version__}")
     print(f"{'rows':>5} {'old ms':>9} {'new ms':>9} {'speedup':>8} {'softmax ms':>11} {'sorted':>7} "
-          f"{'max|diff|':>10} {'same support':>13}")
+          f"{'max|diff|':>10} {'same support':>13} {'+draw V':>8} {'+draw cand':>10}")
     for r in results:
         print(f"{r['rows']:>5} {r['old_ms']:>9.3f} {r['new_ms']:>9.3f} {r['speedup']:>8.2f} {r['softmax_ms']:>11.3f} "
-              f"{r['sorted_rows']:>7.0%} {r['max_abs_diff']:>10.1e} {r['same_support_rows']:>9}/{r['rows']}")
+              f"{r['sorted_rows']:>7.0%} {r['max_abs_diff']:>10.1e} {r['same_support_rows']:>9}/{r['rows']} "
+              f"{r['draw_vocab_ms']:>8.3f} {r['draw_cand_ms']:>10.3f}")
     if a.json:
         meta = {"vocab": VOCAB, "logits": a.logits, "model": a.model, "temperature": a.temperature, "top_p": a.top_p,
                 "threads": a.threads, "repeats": a.repeats, "torch": torch.__version__,

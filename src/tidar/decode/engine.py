@@ -20,13 +20,13 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from tidar.decode import step
-from tidar.decode.accept import greedy_accept, mixed_target, speculative_accept
+from tidar.decode.accept import greedy_accept, mixed_target, proposals, speculative_accept
 from tidar.decode.drafters import Draft, DraftContext, DraftPolicy
 from tidar.decode.drafters.datastore import Datastore, DatastoreDrafter
 from tidar.decode.drafters.diffusion import DiffusionDrafter, DraftGate
 from tidar.decode.drafters.lookup import LookupDrafter
 from tidar.decode.options import GenerationConfig, GenerationError
-from tidar.decode.sampling import sample, warp
+from tidar.decode.sampling import Candidates, sample_candidates, warp_candidates
 from tidar.decode.state import BatchState
 from tidar.decode.stats import GenerationOutput, GenerationStats
 from tidar.masks import StepLayout, step_layout, with_prefix
@@ -255,8 +255,8 @@ class Decoder:
                 s.acceptance_histogram[0] += 1
         B = len(st.done)
         none = [Draft([], "none")] * B  # the next step verifies no draft (as after a step without blocks)
-        tokens, q, lengths = step.pack_drafts(nxt, none, self.model.config.vocab_size, self.cfg.do_sample)
-        st.set_drafts(tokens, q, ["none"] * B, lengths, [[] for _ in range(B)])
+        tokens, lengths = step.pack_drafts(nxt, none)
+        st.set_drafts(tokens, None, ["none"] * B, lengths, [[] for _ in range(B)])  # q None: one-hot
         return [self._emit(st, i, [int(nxt[i])]) for i in range(B)]
 
     def _verify(self, st: BatchState, ar_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +309,8 @@ class Decoder:
             ctx = DraftContext(st.histories[i], block_logits[i] if block_logits is not None else None, usable)
             drafts.append(self.policy.draft(st.keys[i], ctx))
         vocab = self.model.config.vocab_size
-        tokens, q, lengths = step.pack_drafts(bonus, drafts, vocab, self.cfg.do_sample)
+        tokens, lengths = step.pack_drafts(bonus, drafts)  # q: None (no (B, W, V) tensor) for copies alone
+        q = proposals(tokens, [d.q for d in drafts], vocab) if self.cfg.do_sample else None
         mix = step.pack_draft_logits(drafts, tokens.shape[1], vocab) if self.cfg.beta < 1 else None
         st.set_drafts(tokens, q, [d.source for d in drafts], lengths, [d.sources() for d in drafts], mix)
 
@@ -330,11 +331,11 @@ class Decoder:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.head(hidden).float()
 
-    def _dist(self, logits: torch.Tensor) -> torch.Tensor:
-        return warp(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
+    def _dist(self, logits: torch.Tensor) -> Candidates:
+        return warp_candidates(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
-        return sample(self._dist(logits), self.generator) if self.cfg.do_sample else logits.argmax(-1)
+        return sample_candidates(self._dist(logits), self.generator) if self.cfg.do_sample else logits.argmax(-1)
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,

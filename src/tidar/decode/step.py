@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from tidar.decode.drafters import Draft
 from tidar.masks import StepLayout, causal_mask
@@ -98,25 +97,17 @@ def block_rows(lay: StepLayout, accepted: torch.Tensor) -> tuple[torch.Tensor, t
     return lay.n_clean + j[:, None] * b + r.clamp(max=b - 1), shift
 
 
-def pack_drafts(bonus: torch.Tensor, drafts: Sequence[Draft], vocab_size: int, sampling: bool
-                ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-    """Each sequence's [bonus, d_2..] as one (B, W) tensor, the proposal distributions (B, W, V)
-    when sampling, and each draft's length. Shorter drafts are padded with token 0 under a one-hot
-    q (a valid proposal, rarely accepted); copies are one-hot too; q[:, 0] is never read."""
+def pack_drafts(bonus: torch.Tensor, drafts: Sequence[Draft]) -> tuple[torch.Tensor, list[int]]:
+    """Each sequence's [bonus, d_2..] as one (B, W) tensor, and each draft's length. Shorter drafts
+    are padded with token 0 (a valid proposal, one-hot when sampling, rarely accepted); the proposal
+    distributions are `accept.proposals`'."""
     lengths = [1 + len(d.tokens) for d in drafts]
     B, W = len(drafts), max(lengths)
     out = torch.zeros(B, W, dtype=torch.long)
     out[:, 0] = bonus
     for i, d in enumerate(drafts):
         out[i, 1: lengths[i]] = torch.tensor(d.tokens, dtype=torch.long)
-    if not sampling:
-        return out, None, lengths
-    q = F.one_hot(out, vocab_size).float()
-    q[:, 0] = 0
-    for i, d in enumerate(drafts):
-        if d.q is not None:
-            q[i, 1: lengths[i]] = d.q
-    return out, q, lengths
+    return out, lengths
 
 
 def pack_draft_logits(drafts: Sequence[Draft], width: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from tidar.decode.drafters import Draft, DraftContext, Drafter
-from tidar.decode.sampling import sample, warp
+from tidar.decode.sampling import dense, sample_candidates, warp_candidates
 
 GAIN_EMA = 0.3  # weight of the newest diffusion-draft acceptance in the running gain
 PROBE_EVERY = 8  # plain steps between pre-drafting probes while the gain is below min_draft_gain
@@ -28,8 +28,9 @@ class DiffusionDrafter(Drafter):
         rows = ctx.block_logits[1:]  # (b - 1, V): the positions after the bonus token
         q = None
         if self.sampling is not None:
-            q = warp(rows, **self.sampling)
-            picks = sample(q, self.generator)
+            kept = warp_candidates(rows, **self.sampling)  # drawn among the kept tokens, not the vocabulary
+            picks = sample_candidates(kept, self.generator)
+            q = dense(kept, rows.shape[-1])
         else:
             picks = rows.argmax(-1)
         # Rows past a shifted block's end have no draft: token 0 under a one-hot q (a valid
