@@ -3,6 +3,7 @@ server share to turn text into tokens, run the decoding engine and turn tokens b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 from tidar.decode import DATASTORE_FILE, Datastore, GenerationConfig, GenerationError, TextStreamer, generate
@@ -19,6 +21,8 @@ from tidar.model.transformer import Transformer
 from tidar.model.weights import (
     MANIFEST_FILE,
     WeightsError,
+    atomic_directory,
+    cache_dir,
     chat_ids,
     load_for_inference,
     load_tokenizer,
@@ -53,6 +57,77 @@ def check_operating_point(op: dict[str, Any], where: str) -> None:
             check_option(k, op[k])
         except GenerationError as e:
             raise WeightsError(f"{where}: operating point: {e}") from None
+
+
+DATASTORE_CACHE_FORMAT = b"tidar-datastore-cache-1"
+DATASTORE_SKELETON = "datastore.json"
+
+
+def load_datastore(path: Path) -> Datastore:
+    """`Datastore.load(path)` through a cache of the built object (`cache_dir()/datastores`):
+    building the n-gram tables from the stored tokens took 1.7-2.0 s of a cold `tidar generate`.
+    An entry holds the object's attributes, arrays as .npy files mapped copy-on-write (pages are
+    read as lookups touch them) and the rest as JSON: no pickle. It is keyed by the datastore file's
+    bytes, the Datastore module's source and numpy's version, so a new file or a changed
+    implementation is built afresh; an unreadable entry is rebuilt, and where the cache cannot be
+    written the datastore is built each time."""
+    source = path / DATASTORE_FILE
+    h = hashlib.sha256(DATASTORE_CACHE_FORMAT + source.read_bytes() + np.__version__.encode())
+    h.update(Path(sys.modules[Datastore.__module__].__file__).read_bytes())
+    entry = cache_dir() / "datastores" / h.hexdigest()[:32]
+    try:
+        return _read_cached(entry)
+    except (OSError, ValueError, KeyError, TypeError):  # no entry yet, or a damaged one
+        pass
+    store = Datastore.load(path)
+    try:
+        with atomic_directory(entry) as tmp:  # a concurrent start reads the old entry or the new one
+            skeleton = _encode(vars(store), tmp, [0])
+            (tmp / DATASTORE_SKELETON).write_text(json.dumps(skeleton))
+    except (OSError, TypeError):  # read-only cache, or an attribute this format does not hold
+        pass
+    return store
+
+
+def _read_cached(entry: Path) -> Datastore:
+    store = Datastore.__new__(Datastore)
+    store.__dict__.update(_decode(json.loads((entry / DATASTORE_SKELETON).read_text()), entry))
+    return store
+
+
+def _encode(value: Any, directory: Path, counter: list[int]) -> Any:
+    """`value` as JSON, each non-empty array written to its own .npy in `directory`; TypeError for
+    what the cache does not hold (then it is not written)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise TypeError("object arrays are not cached")
+        if value.size == 0:  # numpy cannot map an empty file
+            return {"empty": value.dtype.str, "shape": list(value.shape)}
+        counter[0] += 1
+        name = f"{counter[0]}.npy"
+        np.save(directory / name, value, allow_pickle=False)
+        return {"array": name}
+    if value is None or type(value) in (bool, int, float, str):
+        return {"value": value}
+    if type(value) in (list, tuple):
+        return {type(value).__name__: [_encode(v, directory, counter) for v in value]}
+    if type(value) is dict:
+        return {"dict": [[_encode(k, directory, counter), _encode(v, directory, counter)] for k, v in value.items()]}
+    raise TypeError(f"{type(value).__name__} is not cached")
+
+
+def _decode(node: dict[str, Any], directory: Path) -> Any:
+    if "array" in node:
+        return np.load(directory / Path(node["array"]).name, mmap_mode="c", allow_pickle=False)
+    if "empty" in node:
+        return np.zeros(node["shape"], dtype=np.dtype(node["empty"]))
+    if "value" in node:
+        return node["value"]
+    if "list" in node:
+        return [_decode(v, directory) for v in node["list"]]
+    if "tuple" in node:
+        return tuple(_decode(v, directory) for v in node["tuple"])
+    return {_decode(k, directory): _decode(v, directory) for k, v in node["dict"]}
 
 
 @dataclass
@@ -116,9 +191,12 @@ class Runtime:
 
     @classmethod
     def load(cls, name: str | None = None, dtype: str = "bfloat16", compile: bool | None = None,
-             weights: str | None = None) -> Runtime:
+             weights: str | None = None, light_tokenizer: bool = False) -> Runtime:
         """`compile`: run the decoder blocks through torch.compile (None: the operating point's choice);
-        `weights`: q4 | dense (None: q4 where the base is a GGUF, see `load_for_inference`)."""
+        `weights`: q4 | dense (None: q4 where the base is a GGUF, see `load_for_inference`; on q4 the
+        model is inference-only: its dense base weights are released). `light_tokenizer`: the model's
+        tokenizer on the `tokenizers` library alone where its files allow (`tidar.model.tokenizer`):
+        no transformers import (3.7-4.4 s of a cold start), only what the runtime and server use."""
         path = resolve_model_path(name)
         op = operating_point(path)
         compile = compile if compile is not None else op.get("compile", False)
@@ -126,8 +204,8 @@ class Runtime:
             raise WeightsError("--compile runs the dense weights (inductor cannot trace the Q4_1 kernel); "
                                "drop --compile or use --weights dense")
         model, taken = load_for_inference(name, DTYPE[dtype], "dense" if compile else weights)
-        tokenizer = load_tokenizer(path)
-        datastore = Datastore.load(path) if (path / DATASTORE_FILE).exists() else None
+        tokenizer = load_tokenizer(path, light=light_tokenizer)
+        datastore = load_datastore(path) if (path / DATASTORE_FILE).exists() else None
         rt = cls(model, tokenizer, op, name=str(path), datastore=datastore, weights=taken)
         if compile:
             rt.compile()

@@ -120,6 +120,15 @@ class Linear(nn.Linear):
         return out
 
 
+DENSE_RELEASED = ("this model's dense base weights were released after loading (its base projections run "
+                  "only on the GGUF's Q4_1 blocks, the inference runtime's default): it cannot be trained, saved "
+                  "or switched to dense weights; load it again with load_model, or with --weights dense")
+
+
+class DenseReleasedError(RuntimeError):
+    """Training, saving or a dense path asked of a model whose dense base weights were released."""
+
+
 class FusedLinear(nn.Module):
     """Linear layers that share an input, run as one matmul at inference (fewer, larger kernels:
     per-op overhead is a large share of a CPU decode step for a model this small).
@@ -170,6 +179,15 @@ class FusedLinear(nn.Module):
         self.packing = False
         # the base rows' matmul on 4-bit blocks (x -> x @ W_base^T, `quant.Q4Weight`), or None: the dense weight
         self.q4: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.a_start = self.n_out  # the adapter's A rows in `weight` start here (0 once `release_base` ran)
+
+    def release_base(self) -> None:
+        """Keep only the adapter's A rows of `weight`: the q4 matmul computes the base rows, and their
+        dense copy (the bulk of the model's memory) is never read again."""
+        if self.q4 is None:
+            raise DenseReleasedError("release_base needs the base rows on the q4 path (use_q4) first")
+        self.weight = self.weight[self.a_start:].clone()
+        self.a_start = 0
 
     def pack(self, enable: bool = True) -> None:
         """Pre-pack the weights for CPU inference (or drop the packed copies: enable=False)."""
@@ -177,12 +195,14 @@ class FusedLinear(nn.Module):
         self.packing = enable
         self.packed_base = pack_weight(self.weight[: self.n_out]) if enable and dense else None
         self.packed_full = pack_weight(self.weight) if enable and lora and dense else None
-        self.packed_lora_a = pack_weight(self.weight[self.n_out:]) if enable and lora and not dense else None
+        self.packed_lora_a = pack_weight(self.weight[self.a_start:]) if enable and lora and not dense else None
         self.packed_lora_b = pack_weight(self.lora_b) if enable and lora else None
 
     def use_q4(self, matmul: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         """Compute the base rows with `matmul` (see `quant.quantize_q4_`; None: the dense weight again).
         The adapter's rows stay dense: its down-projection becomes a separate small matmul."""
+        if matmul is None and self.a_start != self.n_out:
+            raise DenseReleasedError(DENSE_RELEASED)
         self.q4 = matmul
         self.pack(self.packing)
 
@@ -199,7 +219,7 @@ class FusedLinear(nn.Module):
                 out += self.bias[: self.n_out]
             if not adapter:
                 return out
-            down = linear(x, self.weight[self.n_out:], self.packed_lora_a)
+            down = linear(x, self.weight[self.a_start:], self.packed_lora_a)
         elif not adapter:
             # no adapter work: the base rows only (a prefix of the fused weight, no copy), so an AR
             # step reads no more weights than the base model does
@@ -477,6 +497,11 @@ def _run_block(block: Block, *args: object) -> torch.Tensor:
     return block(*args)
 
 
+def _refuse_released(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    # a state_dict of meta tensors would save nothing usable, or fail deep inside safetensors
+    raise DenseReleasedError(DENSE_RELEASED)
+
+
 class Transformer(nn.Module):
     """Decoder-only LM; `forward` returns logits over the base vocabulary (never the [MASK] id)."""
 
@@ -498,6 +523,7 @@ class Transformer(nn.Module):
         # they have no backward, so a forward with grad enabled takes the PyTorch path
         self._kernels = False
         self._had_kernels = False
+        self.dense_released = False  # `release_dense_base` ran: inference on the q4 path only
         if config.adapter is not None:
             self.add_adapter(config.adapter)
 
@@ -532,6 +558,8 @@ class Transformer(nn.Module):
         compiled kernels (`tidar.model.kernels`) where they build. Call after the last `.to()`
         and after loading weights: the fused adapter and the packed weights are copies; training
         ignores the fused path."""
+        if self.dense_released:
+            raise DenseReleasedError(DENSE_RELEASED)
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
@@ -540,6 +568,32 @@ class Transformer(nn.Module):
             mlp.down = FusedLinear([mlp.down_proj])
         self.use_kernels(use_kernels)
         return self.pack_weights(pack)
+
+    @torch.no_grad()
+    def release_dense_base(self) -> Transformer:
+        """Free the dense copies of the base projections once every fused projection runs on Q4_1
+        blocks (`quant.quantize_q4_`): about 210 MB of SmolLM2's 270 MB in bfloat16. The parts'
+        weights become meta tensors (shapes kept, no storage); training, saving and the dense path
+        then raise DenseReleasedError instead of failing somewhere inside."""
+        fused = [f for layer in self.layers for f in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up,
+                                                      layer.mlp.down)]
+        if not fused or any(f is None or f.q4 is None for f in fused):
+            raise DenseReleasedError("release_dense_base needs every projection on the q4 path (quantize_q4_)")
+        for f in fused:
+            f.release_base()
+        for layer in self.layers:
+            for part in (*(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                w = part.weight
+                part.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+        self.dense_released = True
+        self.register_state_dict_pre_hook(_refuse_released)
+        return self
+
+    def train(self, mode: bool = True) -> Transformer:
+        if mode and self.dense_released:
+            raise DenseReleasedError(DENSE_RELEASED)
+        return super().train(mode)
 
     def use_kernels(self, enable: bool = True) -> bool:
         """Switch the engine between the compiled kernels (`tidar.model.kernels`, where they build and fit

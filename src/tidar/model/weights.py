@@ -4,22 +4,25 @@ opens in transformers), plus small adapter artifacts that sit on top of a base m
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 from tidar.model import quant
 from tidar.model.config import AdapterConfig, TidarConfig
+from tidar.model.tokenizer import Tokenizer
 from tidar.model.transformer import Transformer
 
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -105,9 +108,11 @@ def convert_smollm2(out_dir: Path | None = None) -> Path:
 
 
 @torch.no_grad()
-def _init_mask_embed(model: Transformer) -> None:
-    # A new token starts at the mean embedding: in-distribution for every layer's norms.
-    model.mask_embed.copy_(model.embed_tokens.weight.float().mean(0).to(model.mask_embed.dtype))
+def _init_mask_embed(model: Transformer, embed: torch.Tensor | None = None) -> None:
+    # A new token starts at the mean embedding (of `embed`, default the model's): in-distribution
+    # for every layer's norms.
+    embed = model.embed_tokens.weight if embed is None else embed
+    model.mask_embed.copy_(embed.float().mean(0).to(model.mask_embed.dtype))
 
 
 @contextmanager
@@ -144,18 +149,83 @@ def write_pretrained(model: Transformer, directory: Path, tokenizer: Any = None)
         tokenizer.save_pretrained(directory)
 
 
-def _read_state(directory: Path) -> dict[str, torch.Tensor]:
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+READ_CHUNK = 1 << 24  # bytes converted at a time when a tensor's stored dtype is not the one asked for
+
+
+def read_safetensors(path: Path, dtype: torch.dtype | None = None,
+                     only: Container[str] | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (those named in `only`, default all), the floating-point ones as
+    `dtype` (None: as stored), read with plain file reads into memory of their own.
+
+    safetensors' loaders map the file, and every page a copy touches stays in this process's resident
+    set while the mapping lives: the float32 base (538 MB) on top of its bfloat16 copy. Here a tensor
+    stored in another dtype passes through one READ_CHUNK buffer, with the values of `.to(dtype)`."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        out = {}
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if only is not None and name not in only:
+                continue
+            stored = SAFETENSORS_DTYPES.get(info["dtype"])
+            if stored is None:
+                raise WeightsError(f"{path}: tensor {name} has dtype {info['dtype']}, which tidar does not read")
+            t = torch.empty(info["shape"], dtype=dtype if dtype is not None and stored.is_floating_point else stored)
+            begin, end = info["data_offsets"]
+            if end - begin != t.numel() * stored.itemsize:
+                raise WeightsError(f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']}")
+            f.seek(8 + n + begin)
+            _read_into(f, t.view(-1), stored, path)
+            out[name] = t
+    return out
+
+
+def _read_into(f: Any, flat: torch.Tensor, stored: torch.dtype, path: Path) -> None:
+    """Fill the 1-D tensor `flat` from the file's next `flat.numel()` values of dtype `stored`."""
+    def fill(dst: torch.Tensor) -> None:
+        if dst.numel() and f.readinto(dst.view(torch.uint8).numpy()) != dst.numel() * dst.itemsize:
+            raise WeightsError(f"{path} is truncated")
+
+    if flat.dtype == stored:
+        fill(flat)
+        return
+    buf = torch.empty(max(1, min(flat.numel(), READ_CHUNK // stored.itemsize)), dtype=stored)
+    for i in range(0, flat.numel(), len(buf)):
+        part = buf[: min(len(buf), flat.numel() - i)]
+        fill(part)
+        flat[i: i + len(part)].copy_(part)
+
+
+def _read_state(directory: Path, dtype: torch.dtype | None = None,
+                only: Container[str] | None = None) -> dict[str, torch.Tensor]:
     single = directory / "model.safetensors"
     if single.exists():
-        return load_file(single)
+        return read_safetensors(single, dtype, only)
     index = directory / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            state.update(load_file(directory / f))
+            state.update(read_safetensors(directory / f, dtype, only))
         return state
     raise WeightsError(f"no model.safetensors in {directory}")
+
+
+class _SkipInit(TorchFunctionMode):
+    """torch.nn.init's initialisers do nothing inside (a torch-function mode: this thread only). A
+    model whose every parameter is loaded next need not draw 135M random numbers (0.5 s), and its
+    untouched `torch.empty` parameters take no resident memory before `load_state_dict(assign=True)`
+    replaces them."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
@@ -182,8 +252,10 @@ def load_model(name: str | Path | None = None, dtype: torch.dtype = torch.float3
     path = resolve_model_path(name)
     if (path / MANIFEST_FILE).exists() and (path / ADAPTER_FILE).exists():
         manifest = json.loads((path / MANIFEST_FILE).read_text())
-        model = load_model(manifest.get("base", DEFAULT_BASE), dtype=torch.float32)
-        model.add_adapter(AdapterConfig(**manifest["adapter"]))
+        # the base straight in `dtype`: the values of converting the float32 model afterwards
+        model = load_model(manifest.get("base", DEFAULT_BASE), dtype=dtype)
+        with _SkipInit():  # every adapter weight is loaded next (checked below)
+            model.add_adapter(AdapterConfig(**manifest["adapter"]))
         model.config.block_size = manifest.get("block_size", model.config.block_size)
         state = load_file(path / ADAPTER_FILE)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -192,18 +264,28 @@ def load_model(name: str | Path | None = None, dtype: torch.dtype = torch.float3
             raise WeightsError(f"adapter at {path} does not match its manifest: unexpected {unexpected[:3]}, "
                                f"missing {partial[:3]}")
         return model.to(device=device, dtype=dtype).eval()
+    return _load_checkpoint(path, dtype).to(device=device).eval()
+
+
+def _load_checkpoint(path: Path, dtype: torch.dtype) -> Transformer:
+    """A full checkpoint, read straight into `dtype` (never a float32 copy of a bfloat16 model)."""
     config = TidarConfig.load(path)
-    model = Transformer(config)
-    state = _to_ours(_read_state(path))
+    with _SkipInit():
+        model = Transformer(config)
+    state = _to_ours(_read_state(path, dtype))
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     allowed = {"mask_embed"} | ({"lm_head.weight"} if config.tie_word_embeddings else set())
     if unexpected or set(missing) - allowed:
         raise WeightsError(f"weights in {path} do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if "mask_embed" in missing:
-        _init_mask_embed(model)
-    return model.to(device=device, dtype=dtype).eval()
+        embed = state["embed_tokens.weight"]
+        if embed.dtype != torch.float32:  # the mean in float32, as when the model was converted after loading
+            names = {"embed_tokens.weight", "model.embed_tokens.weight"}
+            embed = _to_ours(_read_state(path, torch.float32, names))["embed_tokens.weight"]
+        _init_mask_embed(model, embed)
+    return model.to(dtype)
 
 
 def gguf_source(name: str | Path | None = None) -> Path | None:
@@ -235,14 +317,56 @@ def load_for_inference(name: str | Path | None = None, dtype: torch.dtype = torc
     if weights == "q4" and not quant.available():
         raise WeightsError(f"--weights q4: the Q4_1 kernel is unavailable ({quant.unavailable_reason()}); "
                            "use --weights dense")
-    model = load_model(name, dtype=dtype).fuse_for_inference()
+    model = load_model(name, dtype=dtype)
     if source is None or not quant.available():
-        return model, "dense"
+        return model.fuse_for_inference(), "dense"
+    # packed after the swap: the dense base, released by it, is never packed
+    model.fuse_for_inference(pack=False)
     try:
-        quant.quantize_q4_(model, source)
+        _quantize_cached(model, source)
     except quant.QuantError as e:
         raise WeightsError(f"the Q4_1 path cannot run {name}: {e}; use --weights dense") from None
-    return model, "q4"
+    _return_freed_memory()
+    return model.pack_weights(), "q4"
+
+
+def _quantize_cached(model: Transformer, gguf: Path) -> None:
+    """`quant.quantize_q4_(model, gguf, release_dense=True)` through a cache of its result (the
+    kernel-layout blocks, `cache_dir()/q4`): parsing the GGUF (gguf's reader reads every metadata
+    field, the 49K-token vocabulary included) took 3.4 s of a cold start. An entry is keyed by the
+    GGUF's bytes and quant.py's source (the layout), and checked against the model's shapes."""
+    # the GGUF hashed in chunks: its bytes at once would add 90 MB to the peak
+    h = hashlib.sha256((file_sha256(gguf) + torch.__version__).encode() + Path(quant.__file__).read_bytes())
+    entry = cache_dir() / "q4" / f"{h.hexdigest()[:32]}.safetensors"
+    parts = quant._fused_parts(model)
+    state = read_safetensors(entry) if entry.exists() else None
+    if state is None or len(state) != 2 * len(parts):
+        quant.quantize_q4_(model, gguf, release_dense=True)
+        blocks = {f"{k}.{f}": getattr(fused.q4, f) for k, (_, fused, _) in enumerate(parts) for f in ("qw", "dm")}
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+            save_file(blocks, tmp)
+            os.replace(tmp, entry)  # atomic: a concurrent start reads a whole entry or none
+        except OSError:  # a read-only cache: quantized from the GGUF each time
+            pass
+        return
+    for k, (i, fused, _) in enumerate(parts):
+        weight = quant.Q4Weight(state[f"{k}.qw"], state[f"{k}.dm"])
+        if weight.shape != (fused.n_out, fused.weight.shape[1]):
+            raise quant.QuantError(f"layer {i}: cached blocks of shape {weight.shape} for {fused.n_out} x "
+                                   f"{fused.weight.shape[1]}; delete {entry}")
+        fused.use_q4(weight)
+    model.release_dense_base()
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed dense weights back to the OS (glibc keeps freed heap pages mapped; they would
+    stay in the resident set, about 170 MB of SmolLM2). Elsewhere a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def save_adapter(model: Transformer, directory: str | Path, manifest: dict[str, Any]) -> Path:
@@ -295,13 +419,16 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return [int(t) for t in ids]
 
 
-def load_tokenizer(name: str | Path | None = None) -> Any:
-    """The tokenizer stored with a model (adapters use their base's)."""
-    from transformers import AutoTokenizer
-
+def load_tokenizer(name: str | Path | None = None, light: bool = False) -> Any:
+    """The tokenizer stored with a model (adapters use their base's). `light`: a `Tokenizer` on the
+    `tokenizers` library alone where the files allow it (no transformers import), else transformers'."""
     path = resolve_model_path(name)
     if (path / MANIFEST_FILE).exists():
-        return load_tokenizer(json.loads((path / MANIFEST_FILE).read_text()).get("base", DEFAULT_BASE))
+        return load_tokenizer(json.loads((path / MANIFEST_FILE).read_text()).get("base", DEFAULT_BASE), light)
+    if light and (tok := Tokenizer.load(path)) is not None:
+        return tok
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
