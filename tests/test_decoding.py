@@ -22,6 +22,16 @@ def ar(model, ps, n=24, **kw):
     return generate(model, ps, GenerationConfig(mode="ar", max_new_tokens=n, **kw)).sequences
 
 
+def assert_tidar_equals_ar_alone_and_batched(model, ps, n=24):  # noqa: ANN001
+    """Greedy TiDAR == AR for each prompt alone and for all in one ragged batch, with diffusion drafts
+    (b=3, full) and with prompt lookup (b=4, all)."""
+    expected = [ar(model, [p], n)[0] for p in ps]
+    for cfg in (dict(block_size=3, policy="full"), dict(block_size=4, policy="all", lookup_ngram=1, lookup_tokens=6)):
+        for p, exp in zip(ps, expected, strict=True):
+            assert generate(model, [p], GenerationConfig(max_new_tokens=n, **cfg)).sequences[0] == exp
+        assert generate(model, ps, GenerationConfig(max_new_tokens=n, **cfg)).sequences == expected
+
+
 @pytest.mark.parametrize("block_size", [1, 2, 3, 4, 6])
 @pytest.mark.parametrize("policy", ["all", "full"])
 def test_greedy_tidar_equals_ar_on_untrained_model(block_size, policy):
@@ -447,11 +457,7 @@ def test_engine_with_compiled_kernels_is_lossless_and_agrees_with_pytorch_path(d
     model = build(dtype)
     assert model.kernels_on
     ps = prompts(4, seed=9)
-    expected = [ar(model, [p], 24)[0] for p in ps]
-    for cfg in (dict(block_size=3, policy="full"), dict(block_size=4, policy="all", lookup_ngram=1, lookup_tokens=6)):
-        for p, exp in zip(ps, expected, strict=True):
-            assert generate(model, [p], GenerationConfig(max_new_tokens=24, **cfg)).sequences[0] == exp
-        assert generate(model, ps, GenerationConfig(max_new_tokens=24, **cfg)).sequences == expected
+    assert_tidar_equals_ar_alone_and_batched(model, ps)
 
     ids = torch.tensor([ps[0] + [model.config.mask_token_id] * 4])
     n = ids.shape[1]

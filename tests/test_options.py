@@ -134,7 +134,7 @@ def test_generate_model_dtype_compile_threads_reach_the_runtime(monkeypatch, cap
     seen = {}
     rt = tiny_runtime()
 
-    def load(cls, name=None, dtype="bfloat16", compile=None, weights=None):
+    def load(cls, name=None, dtype="bfloat16", compile=None, weights=None, light_tokenizer=False):
         seen.update(name=name, dtype=dtype, compile=compile)
         return rt
 

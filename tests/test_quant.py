@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
-from test_decoding import ar, prompts
+from test_decoding import ar, assert_tidar_equals_ar_alone_and_batched, prompts
 
 from tidar.cli import main
 from tidar.decode import Decoder, GenerationConfig, generate
@@ -112,12 +112,7 @@ def test_greedy_tidar_equals_ar_on_q4_weights(dtype, use_kernels):
     model = q4_model(5, dtype, adapter=True, hidden_size=64, intermediate_size=128)  # head_dim 16: kernels fit
     model.use_kernels(use_kernels)
     assert all(f.q4 is not None for layer in model.layers for f in (layer.self_attn.qkv, layer.mlp.down))
-    ps = prompts(4, seed=9)
-    expected = [ar(model, [p], 24)[0] for p in ps]
-    for cfg in (dict(block_size=3, policy="full"), dict(block_size=4, policy="all", lookup_ngram=1, lookup_tokens=6)):
-        for p, exp in zip(ps, expected, strict=True):
-            assert generate(model, [p], GenerationConfig(max_new_tokens=24, **cfg)).sequences[0] == exp
-        assert generate(model, ps, GenerationConfig(max_new_tokens=24, **cfg)).sequences == expected
+    assert_tidar_equals_ar_alone_and_batched(model, prompts(4, seed=9))
 
 
 @needs_kernel

@@ -301,8 +301,11 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path, shards: Path, ba
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(Path(single.out_dir, "model", weights))
     b = load_file(ddp_dir / "model" / weights)
+    # One process sums the batch of 4 in another order than 2 ranks' all-reduced halves, and Adam's update
+    # g / sqrt(v) magnifies that rounding where a gradient is tiny: up to 2.4e-6 after 3 steps measured on
+    # 2026-12-06 (adapter mode, an Intel Xeon). A batch sliced wrongly moves weights by ~lr = 1e-3.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
     ra = [r for r in records(single.out_dir) if r["kind"] == "train"]
     rb = [r for r in records(ddp_dir) if r["kind"] == "train"]
     assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb]

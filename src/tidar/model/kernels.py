@@ -36,6 +36,11 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 
 def _build() -> str | None:
     """Compile and load the kernels; None on success, else why not."""
+    return build_extension("tidar_cpu", SOURCE)
+
+
+def build_extension(prefix: str, source: Path) -> str | None:
+    """Compile and load a C++ operator library of ours (`csrc/`); None on success, else why not."""
     if os.environ.get("TIDAR_KERNELS", "1") == "0":
         return "disabled by TIDAR_KERNELS=0"
     if not sys.platform.startswith("linux"):
@@ -51,9 +56,9 @@ def _build() -> str | None:
         flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
         pass
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
+    key = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
     try:
-        load(name=f"tidar_cpu_{key}", sources=[str(SOURCE)], is_python_module=False, verbose=False,
+        load(name=f"{prefix}_{key}", sources=[str(source)], is_python_module=False, verbose=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any compiler/ninja failure leaves the PyTorch path
         return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"

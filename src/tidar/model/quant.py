@@ -19,15 +19,13 @@ The kernel is compiled like `tidar.model.kernels` (once, cached; `TIDAR_KERNELS=
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tidar.model import kernels
 from tidar.model.transformer import FusedLinear, Transformer
 
 GROUP = 32  # inputs per Q4_1 block
@@ -46,24 +44,7 @@ class QuantError(ValueError):
 @functools.cache
 def unavailable_reason() -> str | None:
     """Why the Q4_1 kernel is not loaded, or None when it is (builds it on the first call)."""
-    if os.environ.get("TIDAR_KERNELS", "1") == "0":
-        return "disabled by TIDAR_KERNELS=0"
-    if not sys.platform.startswith("linux"):
-        return f"not built on {sys.platform}"
-    from torch.utils.cpp_extension import load
-
-    flags = ""
-    try:  # -march=native: the cache key carries the CPU's flags, as in tidar.model.kernels
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        pass
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
-    try:
-        load(name=f"tidar_q4_{key}", sources=[str(SOURCE)], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as e:  # noqa: BLE001 - any compiler/ninja failure: the dense path stays
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
-    return None
+    return kernels.build_extension("tidar_q4", SOURCE)
 
 
 def available() -> bool:
