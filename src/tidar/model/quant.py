@@ -162,7 +162,7 @@ def gguf_blocks(reader: object, layer: int, part: str, model: Transformer) -> np
     return raw
 
 
-def _fused_parts(model: Transformer) -> list[tuple[int, FusedLinear, list[str]]]:
+def fused_parts(model: Transformer) -> list[tuple[int, FusedLinear, list[str]]]:
     out = []
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -194,7 +194,7 @@ def quantize_q4_(model: Transformer, source: object | str | Path | None = None,
         from gguf import GGUFReader
 
         source = GGUFReader(source)
-    for i, fused, parts in _fused_parts(model):
+    for i, fused, parts in fused_parts(model):
         layer = model.layers[i]
         raws = [gguf_blocks(source, i, p, model) if source is not None
                 else quantize_q4_1(getattr(layer.self_attn if hasattr(layer.self_attn, p) else layer.mlp, p).weight)

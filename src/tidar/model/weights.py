@@ -338,7 +338,7 @@ def _quantize_cached(model: Transformer, gguf: Path) -> None:
     # the GGUF hashed in chunks: its bytes at once would add 90 MB to the peak
     h = hashlib.sha256((file_sha256(gguf) + torch.__version__).encode() + Path(quant.__file__).read_bytes())
     entry = cache_dir() / "q4" / f"{h.hexdigest()[:32]}.safetensors"
-    parts = quant._fused_parts(model)
+    parts = quant.fused_parts(model)
     state = read_safetensors(entry) if entry.exists() else None
     if state is None or len(state) != 2 * len(parts):
         quant.quantize_q4_(model, gguf, release_dense=True)
