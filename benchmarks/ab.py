@@ -2,7 +2,8 @@
 GenerationConfig overrides on top of the shipped operating point (plus "pack": false for plain
 F.linear weights, "kernels": false for the engine's PyTorch path instead of `tidar.model.kernels`, and
 "adapter_off": ["o", "down"] to run those fused projections without their mask-row adapter, "weights": "q4" or
-"dense" for the base projections' path, and "model": a model directory to run instead of the shipped one, e.g.
+"dense" for the base projections' path, "amx": false for the Q4_1 kernel's fma path instead of its AMX
+tiles, and "model": a model directory to run instead of the shipped one, e.g.
 a candidate drafter from `tidar export`), run
 interleaved per prompt with the order rotated, so machine noise hits all variants alike. Reports
 tokens/s, the ratio to the first variant, tokens and rows per forward, and whether outputs agree.
@@ -33,6 +34,7 @@ import time
 
 from tidar.decode import Decoder
 from tidar.measure.prompts import Prompt, load_prompts
+from tidar.model import quant
 from tidar.model.transformer import FusedLinear
 from tidar.runtime import Runtime
 
@@ -54,8 +56,12 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--reference", default=None,
+                   help="the variant whose outputs the others are compared with (default: the first)")
     args = p.parse_args()
     variants = json.loads(args.variants)
+    if args.reference is not None and args.reference not in variants:
+        raise SystemExit(f"--reference {args.reference} is not one of the variants ({', '.join(variants)})")
     keys = dict.fromkeys((v.get("model"), v.get("weights")) for v in variants.values())
     runtimes = {(m, w): Runtime.load(m, dtype=args.dtype, weights=w) for m, w in keys}
     rt = next(iter(runtimes.values()))
@@ -78,6 +84,9 @@ def main() -> None:
             rt = runtimes[m]
             rt.model.pack_weights(overrides.pop("pack", True))
             rt.model.use_kernels(overrides.pop("kernels", True))
+            amx = overrides.pop("amx", True)
+            for _, f, _ in quant.fused_parts(rt.model) if rt.weights == "q4" else ():
+                f.q4.amx = amx
             off = set(overrides.pop("adapter_off", ()))
             for k, fs in fused[m].items():  # a FusedLinear without lora_b takes its base-only path
                 for f, b in zip(fs, adapters[m][k], strict=True):
@@ -95,10 +104,11 @@ def main() -> None:
     print(f"{len(prompts)} {args.prompts} prompts from #{args.start}, {args.dtype}, {args.max_new_tokens} new tokens")
     for name, t in totals.items():
         f = max(t["forwards"], 1)
-        same = sum(a == b for a, b in zip(outputs[name], outputs[names[0]], strict=True))
+        ref = args.reference or names[0]
+        same = sum(a == b for a, b in zip(outputs[name], outputs[ref], strict=True))
         print(f"{name:>12} {t['tokens'] / t['s']:7.1f} tok/s  x{t['tokens'] / t['s'] / first:.2f}  "
               f"{t['tokens'] / f:.2f} tok/fwd  {t['rows'] / f:5.1f} rows/fwd  {t['s'] / f * 1e3:5.1f} ms/fwd  "
-              f"same output as {names[0]}: {same}/{len(prompts)}")
+              f"same output as {ref}: {same}/{len(prompts)}")
 
 
 if __name__ == "__main__":

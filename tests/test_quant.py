@@ -46,12 +46,14 @@ def test_layout_keeps_the_blocks_and_dequantizes_to_ggufs_values(n, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("n", "k"), [(32, 32), (96, 64), (960, 576)])
-def test_the_kernel_multiplies_by_ggufs_values(n, k):
-    """One-hot float32 rows read the kernel's weights back exactly: x @ W^T with a single 1 is that weight."""
+def test_the_kernel_multiplies_by_ggufs_values(n, k, dtype):
+    """One-hot rows read the kernel's weights back exactly: x @ W^T with a single 1 is that weight (in
+    bfloat16, the weight rounded once, on the AMX path as on the fma path)."""
     raw = synthetic(n, k, seed=k)
     weight = quant.Q4Weight.from_blocks(raw)
-    assert torch.equal(weight(torch.eye(k)).t(), gguf_values(raw))
+    assert torch.equal(weight(torch.eye(k, dtype=dtype)).t(), gguf_values(raw).to(dtype))
 
 
 @needs_kernel
@@ -63,8 +65,23 @@ def test_kernel_output_is_the_float32_sum_rounded_once():
     assert got.shape == (2, 5, 96)
     torch.testing.assert_close(got.double(), x.double() @ gguf_values(raw).double().t(), atol=1e-5, rtol=1e-5)
     xb = x.bfloat16()
-    assert torch.equal(weight(xb), weight(xb.float()).bfloat16())  # bfloat16 out: round to nearest even, once
+    if quant.amx():  # d * sum(x q) + m * sum(x) per group: the same sum, rounded in another order
+        torch.testing.assert_close(weight(xb).float(), weight(xb.float()), atol=1e-4, rtol=2 ** -8)
+    else:  # bfloat16 out: round to nearest even, once
+        assert torch.equal(weight(xb), weight(xb.float()).bfloat16())
     assert weight(x[:, :0]).shape == (2, 0, 96)
+    assert weight(xb[:, :0]).shape == (2, 0, 96)
+
+
+@needs_kernel
+def test_the_bfloat16_path_sums_each_group_of_a_real_projection_closely():
+    """SmolLM2-sized rows through a 576 x 1536 projection: the bfloat16 path (AMX where present) stays
+    within bfloat16's rounding of the exact float64 product."""
+    raw = synthetic(576, 1536, seed=7)
+    weight = quant.Q4Weight.from_blocks(raw)
+    x = torch.randn(16, 1536, generator=torch.Generator().manual_seed(1)).bfloat16()
+    exact = x.double() @ gguf_values(raw).double().t()
+    torch.testing.assert_close(weight(x).double(), exact, atol=1e-3, rtol=2 ** -8)
 
 
 @needs_kernel

@@ -8,6 +8,12 @@ of 16, each weight equal to gguf.quants.dequantize's float32 value, and each row
 of the other rows of the call, so greedy TiDAR still equals AR on this path. The adapter's [MASK]-row
 projections stay dense.
 
+On bfloat16 inputs the kernel multiplies on the CPU's AMX tiles where it has them (Intel Sapphire
+Rapids and later; `TIDAR_Q4_AMX=0` turns it off): per group of 32 inputs d * sum(x q) + m * sum(x),
+so a step's extra rows cost a few tile instructions instead of 64 vector fmas per group (a 3072 x 576
+projection at 16 rows: 122 vs 290 us, benchmarks/results/q4-rows-amx-2026-12-06.log). Every bfloat16
+call takes the same path, so rows stay independent of the call.
+
 PyTorch's own CPU int4 kernel (`torch.ops.aten._weight_int4pack_mm_for_cpu`, used by `to_int4pack`
 for comparison) does not fit: its fast path takes scales and zeros in the activations' dtype, and
 bfloat16 scales move 86% of SmolLM2's weights off the GGUF's values; its float32 path is exact but
@@ -51,6 +57,11 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
+def amx() -> bool:
+    """Whether bfloat16 inputs take the kernel's AMX path (see csrc/q4_kernels.cpp)."""
+    return available() and bool(torch.ops.tidar_q4.amx())
+
+
 def q4_1_fields(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF Q4_1 bytes (N, K/32 * 20) -> d, m float16 (N, K/32) and codes q uint8 (N, K)."""
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
@@ -92,6 +103,7 @@ class Q4Weight:
 
     qw: torch.Tensor
     dm: torch.Tensor
+    amx: bool = True  # bfloat16 inputs on the AMX tiles where present (False: the fma path, for A/Bs)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -124,7 +136,7 @@ class Q4Weight:
         return dequantize_q4_1(*self.fields())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.tidar_q4.linear(x, self.qw, self.dm)
+        return torch.ops.tidar_q4.linear(x, self.qw, self.dm, self.amx)
 
 
 def to_int4pack(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,17 +1,28 @@
 // x @ W^T with W held as GGUF Q4_1 blocks (per 32 inputs of an output row: float16 d and m, 32
 // 4-bit q; the weight is d * q + m). Built by `tidar.model.quant`.
 //
-// Exactness: every weight is computed as fma(q, d, m) in float32. q * d is exact in float32 (an
-// 11-bit significand times a 4-bit integer), so this is one rounding of d * q + m, the value
-// gguf.quants.dequantize computes (its product, then its sum). Each output is one float32
-// accumulator that adds x[k] * w[k] with fma for k = 0, 1, ..., K-1 in that order, whatever the
-// number of rows in the call, the row tiling or the thread split: a token's row comes out bit for
-// bit the same alone or among others (TiDAR's greedy output equals AR's). The portable path below
-// makes the same std::fma calls in the same order, so it gives the same bits as the AVX-512 one.
+// Two paths, each exact in the sense the decoder needs: every row's output depends on that row of x
+// alone (not on how many rows the call has, the row tiling or the thread split), so a token's row
+// comes out bit for bit the same alone or among others and TiDAR's greedy output equals AR's.
 //
-// Speed: a block of 32 inputs x 32 outputs is dequantized once per tile of up to 12 rows (12 x 2
-// accumulators stay in registers) and read from memory once per call; at a decode step's few rows
-// the matmul streams 4.5 bits per weight instead of bfloat16's 16.
+// float32 x (and bfloat16 x where the CPU lacks AVX512-BF16): every weight is fma(q, d, m) in
+// float32. q * d is exact in float32 (an 11-bit significand times a 4-bit integer), so this is one
+// rounding of d * q + m, the value gguf.quants.dequantize computes. Each output is one float32
+// accumulator that adds x[k] * w[k] with fma for k = 0, 1, ..., K-1 in that order. The portable
+// path makes the same std::fma calls in the same order, so it gives the same bits as the AVX-512 one.
+//
+// bfloat16 x with AMX (the decoding engine's case; TIDAR_Q4_AMX=0 turns it off): per group g of 32
+// inputs the sum is split as d * sum_k(x_k q_k) + m * sum_k(x_k), the same value in exact arithmetic.
+// x_k and q_k (an integer 0..15) are both exact in bfloat16, so the tile multiply (tdpbf16ps)
+// forms every product exactly and adds them in float32; a row of its result depends on that row of
+// the input tile alone. The group's codes become bfloat16 once per call (a 16-entry table) and serve
+// every row, so a row costs a few AMX instructions per group instead of 64 vector fmas. The float32
+// result differs from the fma path's by accumulation rounding only (tests/test_quant.py bounds it).
+// Every bfloat16 call takes the same path, whatever its number of rows.
+
+// Speed: a block of 32 inputs x 32 outputs is dequantized once per tile of up to 12 (AMX: 16) rows and read
+// from memory once per call; at a decode step's few rows the matmul streams 4.5 bits per weight
+// instead of bfloat16's 16.
 //
 // Layout (`quant.Q4Weight`): qw uint8 (N/32, K, 16): for output block b and input k, byte j holds
 // q[32b + j][k] in its low nibble and q[32b + 16 + j][k] in its high nibble; dm float16
@@ -25,7 +36,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
+#include <sys/syscall.h>
+#include <unistd.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -80,6 +95,96 @@ void tile(const float* xf, int64_t K, const uint8_t* qw, const uint16_t* dm, T* 
     store16(out + r * N + 16, acc[r][1]);
   }
 }
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+constexpr bool HAS_AMX = true;
+constexpr int AMX_ROWS = 16;  // rows of an AMX tile
+
+// Linux hands out AMX's tile state only on request (once per process)
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tiles: 0 the rows' 32 inputs of a group, 1 and 2 the codes of outputs 0-15 and 16-31, 3 and 4 their sums
+void configure_tiles(int rows) {
+  TileConfig c;
+  for (int t = 0; t < 5; ++t) c.colsb[t] = 64;
+  c.rows[0] = c.rows[3] = c.rows[4] = static_cast<uint8_t>(rows);
+  c.rows[1] = c.rows[2] = 16;
+  _tile_loadconfig(&c);
+}
+
+// `rows` (<= 16) bfloat16 rows (x: row stride K; xg: their per-group sums, row stride K/32) x one
+// 32-output block. The tiles must be configured for `rows` (configure_tiles).
+template <typename T>
+void tile_amx(int rows, const uint16_t* x, const float* xg, int64_t K, const uint8_t* qw, const uint16_t* dm,
+              T* out, int64_t N) {
+  alignas(64) uint16_t codes[2][16 * 32];  // the group's codes as bfloat16, VNNI layout (input pairs)
+  alignas(64) float sums[2][AMX_ROWS * 16];
+  alignas(64) float y[AMX_ROWS][32] = {};
+  const __m512i low4 = _mm512_set1_epi16(0xF);
+  // bfloat16 bits of 0..15 (twice: vpermw reads five index bits, and the index is at most 15)
+  const __m512i lut = _mm512_set_epi16(
+      0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040,
+      0x4000, 0x3F80, 0x0000, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0,
+      0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
+  // byte 4j of a 32-bit lane <- code byte j of input 2pr, byte 4j+2 <- byte j of input 2pr+1, the odd
+  // bytes zero: 16-bit lanes of codes, interleaved per output, in one shuffle
+  alignas(64) static const uint8_t pair_index[64] = {
+      0, 0, 16, 0, 1, 0, 17, 0, 2, 0, 18, 0, 3, 0, 19, 0, 4, 0, 20, 0, 5, 0, 21, 0, 6, 0, 22, 0, 7, 0, 23, 0,
+      8, 0, 24, 0, 9, 0, 25, 0, 10, 0, 26, 0, 11, 0, 27, 0, 12, 0, 28, 0, 13, 0, 29, 0, 14, 0, 30, 0, 15, 0, 31, 0};
+  const __m512i pairs = _mm512_load_si512(pair_index);
+  for (int64_t g = 0; g < K / 32; ++g) {
+    for (int pr = 0; pr < 16; ++pr) {
+      // codes of inputs 2pr and 2pr+1 of the group, interleaved per output (16-bit lane 2j: input 2pr)
+      const uint8_t* q = qw + (g * 32 + 2 * pr) * 16;
+      const __m512i bytes = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+      const __m512i v = _mm512_maskz_permutexvar_epi8(0x5555555555555555ULL, pairs, bytes);
+      _mm512_store_si512(codes[0] + pr * 32, _mm512_permutexvar_epi16(_mm512_and_si512(v, low4), lut));
+      _mm512_store_si512(codes[1] + pr * 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut));
+    }
+    _tile_loadd(0, x + g * 32, K * 2);
+    _tile_loadd(1, codes[0], 64);
+    _tile_loadd(2, codes[1], 64);
+    _tile_zero(3);
+    _tile_zero(4);
+    _tile_dpbf16ps(3, 0, 1);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_stored(3, sums[0], 64);
+    _tile_stored(4, sums[1], 64);
+    const uint16_t* p = dm + g * 64;
+    const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+    const __m512 m0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+    const __m512 m1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 48)));
+    for (int r = 0; r < rows; ++r) {
+      const __m512 xs = _mm512_set1_ps(xg[r * (K / 32) + g]);
+      const __m512 s0 = _mm512_load_ps(sums[0] + r * 16), s1 = _mm512_load_ps(sums[1] + r * 16);
+      _mm512_store_ps(y[r], _mm512_fmadd_ps(m0, xs, _mm512_fmadd_ps(d0, s0, _mm512_load_ps(y[r]))));
+      _mm512_store_ps(y[r] + 16, _mm512_fmadd_ps(m1, xs, _mm512_fmadd_ps(d1, s1, _mm512_load_ps(y[r] + 16))));
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    store16(out + r * N, _mm512_load_ps(y[r]));
+    store16(out + r * N + 16, _mm512_load_ps(y[r] + 16));
+  }
+}
+
+#else
+constexpr bool HAS_AMX = false;
+constexpr int AMX_ROWS = 16;
+bool amx_permitted() { return false; }
+void configure_tiles(int) {}
+template <typename T>
+void tile_amx(int, const uint16_t*, const float*, int64_t, const uint8_t*, const uint16_t*, T*, int64_t) {}
+#endif
 #else
 // the same fma sequence per output, one scalar at a time
 template <int MT, typename T>
@@ -103,45 +208,97 @@ void tile(const float* xf, int64_t K, const uint8_t* qw, const uint16_t* dm, T* 
   }
   for (int r = 0; r < MT; ++r) store_row(out + r * N, acc[r]);
 }
+constexpr bool HAS_AMX = false;
+constexpr int AMX_ROWS = 16;
+bool amx_permitted() { return false; }
+void configure_tiles(int) {}
+template <typename T>
+void tile_amx(int, const uint16_t*, const float*, int64_t, const uint8_t*, const uint16_t*, T*, int64_t) {}
 #endif
+
+#define TIDAR_Q4_TILES(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
 
 template <typename T>
 void run_tile(int64_t rows, const float* xf, int64_t K, const uint8_t* qw, const uint16_t* dm, T* out, int64_t N) {
   switch (rows) {
 #define TIDAR_Q4_TILE(n) case n: tile<n>(xf, K, qw, dm, out, N); break;
-    TIDAR_Q4_TILE(1) TIDAR_Q4_TILE(2) TIDAR_Q4_TILE(3) TIDAR_Q4_TILE(4) TIDAR_Q4_TILE(5) TIDAR_Q4_TILE(6)
-    TIDAR_Q4_TILE(7) TIDAR_Q4_TILE(8) TIDAR_Q4_TILE(9) TIDAR_Q4_TILE(10) TIDAR_Q4_TILE(11) TIDAR_Q4_TILE(12)
+    TIDAR_Q4_TILES(TIDAR_Q4_TILE)
 #undef TIDAR_Q4_TILE
     default: TORCH_CHECK(false, "q4 tile of ", rows, " rows");
   }
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& dm) {
+// every 32-output block of the weight, in parallel; per block, the rows in near-equal tiles of at most
+// `max_rows` (20 rows are 10 + 10, not 12 + 8); `start(begin)` runs first in each thread's share
+template <typename S, typename F>
+void for_each_tile(int64_t M, int64_t NB, int64_t max_rows, S&& start, F&& tile_fn) {
+  const int64_t tiles = (M + max_rows - 1) / max_rows;
+  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+    start();
+    for (int64_t nb = begin; nb < end; ++nb) {
+      int64_t r0 = 0;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t rows = (M - r0) / (tiles - t);
+        tile_fn(nb, r0, rows);
+        r0 += rows;
+      }
+    }
+  });
+}
+
+// per row, the float32 sums of its groups of 32 inputs, each added in input order
+at::Tensor group_sums(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor xg = at::empty({M, K / 32}, x.options().dtype(at::kFloat));
+  const c10::BFloat16* xp = x.const_data_ptr<c10::BFloat16>();
+  float* gp = xg.data_ptr<float>();
+  for (int64_t i = 0; i < M * (K / 32); ++i) {
+    float acc = 0.f;
+    for (int j = 0; j < 32; ++j) acc += static_cast<float>(xp[i * 32 + j]);
+    gp[i] = acc;
+  }
+  return xg;
+}
+
+// bfloat16 x takes the AMX path where the CPU has it, the OS grants it and TIDAR_Q4_AMX is not 0
+bool amx_path() {
+  static const bool on = HAS_AMX && amx_permitted() && !(std::getenv("TIDAR_Q4_AMX") && std::string(std::getenv("TIDAR_Q4_AMX")) == "0");
+  return on;
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& dm, bool use_amx) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "q4_linear: float32 or bfloat16 input");
   TORCH_CHECK(qw.scalar_type() == at::kByte && qw.dim() == 3 && qw.size(2) == 16 && qw.is_contiguous(), "q4_linear: qw (N/32, K, 16) uint8");
   TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous(), "q4_linear: dm float16");
   const int64_t K = x.size(-1), NB = qw.size(0), N = NB * 32;
   TORCH_CHECK(qw.size(1) == K && K % 32 == 0 && dm.numel() == NB * (K / 32) * 64, "q4_linear: shapes");
-  const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   at::Tensor out = at::empty(sizes, x.options());
+  const int64_t M = x.numel() / K;
   if (M == 0) return out;
-  const float* xp = xf.const_data_ptr<float>();
   const uint8_t* qp = qw.const_data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(dm.const_data_ptr<at::Half>());
-  const int64_t tiles = (M + MAX_TILE - 1) / MAX_TILE;
+  if (x.scalar_type() == at::kBFloat16 && use_amx && amx_path()) {
+    const at::Tensor xb = x.reshape({-1, K}).contiguous();
+    const at::Tensor xg = group_sums(xb);
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<c10::BFloat16>());
+    const float* gp = xg.const_data_ptr<float>();
+    c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+    // the tile configuration is per thread, and other AMX users (oneDNN) load their own in between
+    thread_local int configured = -1;
+    for_each_tile(M, NB, AMX_ROWS, [&] { configured = -1; }, [&](int64_t nb, int64_t r0, int64_t rows) {
+      if (rows != configured) configure_tiles(configured = static_cast<int>(rows));
+      tile_amx(static_cast<int>(rows), xp + r0 * K, gp + r0 * (K / 32), K, qp + nb * K * 16,
+               dp + nb * (K / 32) * 64, op + r0 * N + nb * 32, N);
+    });
+    return out;
+  }
+  const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const float* xp = xf.const_data_ptr<float>();
   auto run = [&](auto* op) {
-    at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t nb = begin; nb < end; ++nb) {
-        int64_t r0 = 0;
-        for (int64_t t = 0; t < tiles; ++t) {  // near-equal tiles: 20 rows are 10 + 10, not 12 + 8
-          const int64_t rows = (M - r0) / (tiles - t);
-          run_tile(rows, xp + r0 * K, K, qp + nb * K * 16, dp + nb * (K / 32) * 64, op + r0 * N + nb * 32, N);
-          r0 += rows;
-        }
-      }
+    for_each_tile(M, NB, MAX_TILE, [] {}, [&](int64_t nb, int64_t r0, int64_t rows) {
+      run_tile(rows, xp + r0 * K, K, qp + nb * K * 16, dp + nb * (K / 32) * 64, op + r0 * N + nb * 32, N);
     });
   };
   if (x.scalar_type() == at::kBFloat16) run(out.data_ptr<c10::BFloat16>());
@@ -149,8 +306,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
   return out;
 }
 
+
 }  // namespace
 
-TORCH_LIBRARY(tidar_q4, m) { m.def("linear(Tensor x, Tensor qw, Tensor dm) -> Tensor"); }
+TORCH_LIBRARY(tidar_q4, m) {
+  m.def("linear(Tensor x, Tensor qw, Tensor dm, bool amx=True) -> Tensor");  // amx=False: the fma path
+  m.def("amx() -> bool", &amx_path);  // whether bfloat16 x takes the AMX path
+}
 
-TORCH_LIBRARY_IMPL(tidar_q4, CPU, m) { m.impl("linear", &q4_linear); }
+TORCH_LIBRARY_IMPL(tidar_q4, CPU, m) {
+  m.impl("linear", &q4_linear);
+}
