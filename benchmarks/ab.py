@@ -87,6 +87,7 @@ def main() -> None:
             amx = overrides.pop("amx", True)
             for _, f, _ in quant.fused_parts(rt.model) if rt.weights == "q4" else ():
                 f.q4.amx = amx
+                f.pack(f.packing)  # the A rows ride in the q4 call on the AMX path only
             off = set(overrides.pop("adapter_off", ()))
             for k, fs in fused[m].items():  # a FusedLinear without lora_b takes its base-only path
                 for f, b in zip(fs, adapters[m][k], strict=True):

@@ -16,15 +16,19 @@ import pytest
 import torch
 from conftest import tiny_model
 from safetensors.torch import load_file, save_file
+from test_bench import tiny_runtime
+from test_cli_bench_eval import run_bench
 from test_decoding import ar, prompts
 
+from tidar import masks
 from tidar.decode import Datastore, GenerationConfig, generate
+from tidar.measure import cold_start
 from tidar.model import quant, weights
 from tidar.model.config import AdapterConfig
 from tidar.model.tokenizer import Tokenizer
-from tidar.model.transformer import DenseReleasedError, Transformer
+from tidar.model.transformer import DenseReleasedError, KVCache, Transformer
 from tidar.model.weights import chat_ids, load_model, load_tokenizer, save_adapter, save_pretrained
-from tidar.runtime import load_datastore
+from tidar.runtime import Runtime, load_datastore
 
 SMOLLM2_TEMPLATE = (  # the shipped base's chat template (its chat_template.jinja)
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -334,28 +338,174 @@ def test_released_dense_weights_refuse_training_saving_and_the_dense_path(tmp_pa
     model.eval()  # eval mode stays allowed
 
 
-@needs_kernel
-def test_q4_cache_is_reused_and_rebuilt_when_its_source_changes(tmp_path, monkeypatch):
-    """`load_for_inference`'s cache of the Q4_1 blocks: built once per GGUF, read back to the same model."""
+@pytest.fixture
+def own_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list]:
+    """A fake GGUF beside a fresh cache, and `quantize_q4_` on the model's own weights (a tiny model
+    has no GGUF); returns the GGUF and the list of sources it was called with."""
     monkeypatch.setenv("TIDAR_CACHE", str(tmp_path / "cache"))
     calls = []
     original = quant.quantize_q4_
 
-    def quantize(model, source, release_dense=False):  # noqa: ANN001, ANN202 - the model's own blocks
+    def quantize(model, source, release_dense=False):  # noqa: ANN001, ANN202
         calls.append(source)
         return original(model, None, release_dense=release_dense)
 
     monkeypatch.setattr(quant, "quantize_q4_", quantize)
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"one")
+    return gguf, calls
+
+
+def adapter_dir(tmp_path: Path) -> Path:
+    """A tiny adapter model on a tiny base, both saved, with a non-zero LoRA branch."""
+    base = save_pretrained(tiny_model(seed=7, hidden_size=64, intermediate_size=128), tmp_path / "base")
+    model = load_model(base)
+    model.add_adapter(AdapterConfig(rank=16, alpha=16.0))
+    with torch.no_grad():
+        for p in model.adapter_parameters():
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(7))
+    return save_adapter(model, tmp_path / "adapter", {"base": str(base)})
+
+
+@torch.no_grad()
+def logits(model: Transformer, n: int = 12, block: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of clean + [MASK] rows (the adapter's rows too), uncached and through a KV cache."""
+    mask, pos = masks.tidar_training_mask(n, block)
+    ids = torch.cat([torch.tensor(prompts(1, seed=2)[0] * n)[:n], torch.full((n,), model.config.mask_token_id)])[None]
+    cache = KVCache(model.config, 1, 2 * n, model.embed_tokens.weight.dtype)
+    return model(ids, pos[None], mask[None, None]), model(ids, pos[None], mask[None, None], cache=cache, offset=0)
+
+
+def read_names(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
+    """The tensor names each `read_safetensors` call returns, by the file's name, from now on."""
+    seen: dict[str, set[str]] = {}
+    original = weights.read_safetensors
+
+    def spy(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        out = original(path, *args, **kwargs)
+        seen.setdefault(Path(path).name, set()).update(out)
+        return out
+
+    monkeypatch.setattr(weights, "read_safetensors", spy)
+    return seen
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_load_from_the_cache_reads_no_dense_projection_and_equals_the_released_load(dtype, tmp_path, own_blocks,
+                                                                                      monkeypatch):
+    gguf, calls = own_blocks
+    path = adapter_dir(tmp_path)
+    first = weights._load_q4(path, dtype, gguf).pack_weights()  # no entry yet: from the GGUF, written
+    old = load_model(path, dtype=dtype).fuse_for_inference(pack=False)  # the load before the cache read
+    quant.quantize_q4_(old, gguf, release_dense=True).pack_weights()
+    seen = read_names(monkeypatch)
+    new = weights._load_q4(path, dtype, gguf).pack_weights()
+    assert len(calls) == 2  # `new` came from the cache
+    projections = {f"model.{k}.weight" for k in new.base_projections()}
+    assert seen["model.safetensors"] and not seen["model.safetensors"] & projections
+    assert {"model.embed_tokens.weight", "model.norm.weight"} <= seen["model.safetensors"]
+    assert new.dense_released and new.layers[1].mlp.up_proj.weight.is_meta
+    for a, b, c in zip(logits(new), logits(old), logits(first), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for p in prompts(3, seed=5):
+        assert generate(new, [p], GenerationConfig(max_new_tokens=16, block_size=4)).sequences == ar(old, [p], 16)
+
+
+@needs_kernel
+def test_q4_load_from_the_cache_refuses_training_saving_and_the_dense_path(tmp_path, own_blocks):
+    gguf, _ = own_blocks
+    path = adapter_dir(tmp_path)
+    weights._load_q4(path, torch.float32, gguf)
+    model = weights._load_q4(path, torch.float32, gguf)
+    for attempt in (model.train, model.state_dict, lambda: save_pretrained(model, tmp_path / "m"),
+                    model.fuse_for_inference, lambda: fused_parts(model)[0].use_q4(None)):
+        with pytest.raises(DenseReleasedError, match="dense base weights were released"):
+            attempt()
+    with pytest.raises(weights.WeightsError, match="runs on the CPU"):
+        load_model(path, dense_base=False, device="meta")
+
+
+@needs_kernel
+def test_q4_cache_is_reused_and_rebuilt_when_its_source_changes(tmp_path, own_blocks):
+    """The cache of the Q4_1 blocks: an entry per GGUF path, size and modification time, read back to
+    the same model, the newest alone kept; a damaged entry is rebuilt."""
+    gguf, calls = own_blocks
+    path = save_pretrained(tiny_model(seed=6, hidden_size=64, intermediate_size=128), tmp_path / "m")
 
     def run() -> list[list[int]]:
-        model = tiny_model(seed=6, hidden_size=64, intermediate_size=128).fuse_for_inference(pack=False)
-        weights._quantize_cached(model, gguf)
+        model = weights._load_q4(path, torch.float32, gguf)
         assert model.dense_released
         return ar(model.pack_weights(), prompts(2, seed=1), 12)
 
+    def entries() -> list[Path]:
+        return sorted((tmp_path / "cache" / "q4").iterdir())
+
     first = run()
     assert run() == first and len(calls) == 1  # the second model from the cache
-    gguf.write_bytes(b"two")  # another GGUF: quantized afresh, a second entry
-    assert run() == first and len(calls) == 2 and len(list((tmp_path / "cache" / "q4").iterdir())) == 2
+    gguf.write_bytes(b"four")  # another size
+    assert run() == first and len(calls) == 2 and entries() == [weights._q4_entry(gguf)]
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 1000))  # same size, rewritten
+    assert run() == first and len(calls) == 3 and entries() == [weights._q4_entry(gguf)]
+    entry = weights._q4_entry(gguf)
+    entry.write_bytes(entry.read_bytes()[:-100])
+    assert run() == first and len(calls) == 4 and entries() == [entry]  # truncated: quantized again, rewritten
+    assert run() == first and len(calls) == 4
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_shipped_q4_load_equals_the_released_load():
+    """The shipped model as `tidar generate` loads it (from the Q4_1 cache, warmed here) computes what
+    load -> fuse -> quantize_q4_(release_dense=True) computes."""
+    weights.load_for_inference(None, torch.bfloat16, "q4")
+    new, taken = weights.load_for_inference(None, torch.bfloat16, "q4")
+    old = load_model(None, dtype=torch.bfloat16).fuse_for_inference(pack=False)
+    quant.quantize_q4_(old, weights.smollm2_gguf_path(), release_dense=True).pack_weights()
+    assert taken == "q4"
+    for a, b in zip(logits(new), logits(old), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_run_once_times_a_fresh_process_and_reports_its_failure():
+    code = "import sys, time; sys.stdout.write('a'); sys.stdout.flush(); time.sleep(0.3); x = bytearray(50 << 20)"
+    r = cold_start.run_once([sys.executable, "-c", code])
+    assert r["first_token_s"] < r["wall_s"] and r["wall_s"] - r["first_token_s"] >= 0.3
+    assert r["peak_rss_mb"] >= 50 and r["text_chars"] == 1
+    with pytest.raises(cold_start.ColdStartError, match="exited 3: boom"):
+        cold_start.run_once([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"])
+
+
+def test_bench_cold_start_times_tidar_generate_with_the_bench_flags_and_llama(tmp_path, monkeypatch):
+    runtime = tiny_runtime()
+    monkeypatch.setattr(Runtime, "load", classmethod(lambda cls, *a, **k: runtime))
+    monkeypatch.setattr(cold_start, "llama_unavailable", lambda: None)
+    seen = []
+
+    def fake(cmd, env=None):  # noqa: ANN001, ANN202 - no real processes: their commands and fixed numbers
+        seen.append(cmd)
+        return {"first_token_s": 1.0 + len(seen), "wall_s": 9.0, "peak_rss_mb": 100.0, "text_chars": 5}
+
+    monkeypatch.setattr(cold_start, "run_once", fake)
+    monkeypatch.setattr(cold_start, "measure_apart", cold_start.measure)  # in this process: `fake` runs
+    report = run_bench(tmp_path, "--methods", "ar", "--cold-start", "2", "--dtype", "float32", "--threads", "1")
+    cs = report["cold_start"]
+    assert set(cs["methods"]) == {"tidar", "llamacpp"} and cs["llamacpp_unavailable"] is None
+    assert len(seen) == 6  # one untimed and two timed runs of each, alternating
+    tidar = seen[0]
+    assert tidar[1:4] == ["-m", "tidar.cli", "generate"] and "--stream" in tidar
+    assert tidar[tidar.index("--max-new-tokens") + 1] == "64" and tidar[tidar.index("--dtype") + 1] == "float32"
+    assert tidar[tidar.index("--threads") + 1] == "1" and "--model" not in tidar
+    assert "llama_child('def fib(n):', 64, 1)" in seen[1][-1]
+    assert cs["methods"]["tidar"]["summary"]["first_token_s"]["median"] == 5.0  # runs 3 and 5: 4.0 and 6.0
+
+
+def test_measure_apart_reports_a_childs_own_peak_memory_not_its_callers():
+    held = bytearray(300 << 20)  # a caller holding a model
+    held[::4096] = b"x" * len(held[::4096])
+    cmd = {"echo": [sys.executable, "-c", "print('a')"]}
+    direct = cold_start.measure(cmd, {}, runs=1, warmup=0, log=None)["echo"][0]
+    apart = cold_start.measure_apart(cmd, {}, runs=1, warmup=0, log=None)["echo"][0]
+    assert direct["peak_rss_mb"] > 300 > 100 > apart["peak_rss_mb"] and apart["text_chars"] == 2
+    with pytest.raises(cold_start.ColdStartError, match="exited 3"):
+        cold_start.measure_apart({"fail": [sys.executable, "-c", "exit(3)"]}, {}, runs=1, warmup=0, log=None)

@@ -84,6 +84,25 @@ def test_the_bfloat16_path_sums_each_group_of_a_real_projection_closely():
     torch.testing.assert_close(weight(x).double(), exact, atol=1e-3, rtol=2 ** -8)
 
 
+@pytest.mark.skipif(not quant.amx(), reason="the AMX path is not available here")
+def test_extra_rows_ride_along_without_changing_the_base_outputs():
+    """`with_rows` (the adapter's A rows in the projection's call): the base outputs are the same bits as
+    without, at every row count (TiDAR's mask-step verify rows vs AR's), and the extra ones are x @ A^T."""
+    weight = quant.Q4Weight.from_blocks(synthetic(96, 128, seed=5))
+    rows = (torch.randn(64, 128, generator=torch.Generator().manual_seed(6)) * 0.05).bfloat16()
+    both = weight.with_rows(rows)
+    x = torch.randn(20, 128, generator=torch.Generator().manual_seed(7)).bfloat16()
+    for m in (1, 9, 16, 17, 20):
+        got = both(x[:m])
+        assert got.shape == (m, 96 + 64)
+        assert torch.equal(got[:, :96], weight(x[:m])), m
+        torch.testing.assert_close(got[:, 96:].float(), x[:m].float() @ rows.float().t(), atol=1e-3, rtol=2 ** -7)
+    got = weight.with_rows(rows[:48])(x)  # rounded up to whole 32-row blocks, with zeros
+    assert got.shape == (20, 96 + 64) and torch.equal(got[:, 96:144], both(x)[:, 96:144])
+    assert not got[:, 144:].any()
+    assert weight.with_rows(rows.float()) is None
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("n", "k"), [(64, 96), (960, 576)])
@@ -129,6 +148,8 @@ def test_greedy_tidar_equals_ar_on_q4_weights(dtype, use_kernels):
     model = q4_model(5, dtype, adapter=True, hidden_size=64, intermediate_size=128)  # head_dim 16: kernels fit
     model.use_kernels(use_kernels)
     assert all(f.q4 is not None for layer in model.layers for f in (layer.self_attn.qkv, layer.mlp.down))
+    # bf16 on AMX: the A rows ride in the projections' own call (with_rows)
+    assert all((f.q4_full is not None) == (quant.amx() and dtype == torch.bfloat16) for _, f, _ in quant.fused_parts(model))
     assert_tidar_equals_ar_alone_and_batched(model, prompts(4, seed=9))
 
 

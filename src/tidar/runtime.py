@@ -60,15 +60,13 @@ def check_operating_point(op: dict[str, Any], where: str) -> None:
 
 
 DATASTORE_CACHE_FORMAT = b"tidar-datastore-cache-1"
-DATASTORE_SKELETON = "datastore.json"
 
 
 def load_datastore(path: Path) -> Datastore:
-    """`Datastore.load(path)` through a cache of the built object (`cache_dir()/datastores`):
-    building the n-gram tables from the stored tokens took 1.7-2.0 s of a cold `tidar generate`.
-    An entry holds the object's attributes, arrays as .npy files mapped copy-on-write (pages are
-    read as lookups touch them) and the rest as JSON: no pickle. It is keyed by the datastore file's
-    bytes, the Datastore module's source and numpy's version, so a new file or a changed
+    """`Datastore.load(path)` through a cache of the built object (`cache_dir()/datastores`, in
+    `Datastore.write_built`'s files): building the n-gram tables from the stored tokens took 1.7-2.0 s
+    of a cold `tidar generate`. An entry is keyed by the datastore file's bytes, the Datastore
+    module's source (the object and its file format) and numpy's version, so a new file or a changed
     implementation is built afresh; an unreadable entry is rebuilt, and where the cache cannot be
     written the datastore is built each time."""
     source = path / DATASTORE_FILE
@@ -76,58 +74,16 @@ def load_datastore(path: Path) -> Datastore:
     h.update(Path(sys.modules[Datastore.__module__].__file__).read_bytes())
     entry = cache_dir() / "datastores" / h.hexdigest()[:32]
     try:
-        return _read_cached(entry)
+        return Datastore.read_built(entry)
     except (OSError, ValueError, KeyError, TypeError):  # no entry yet, or a damaged one
         pass
     store = Datastore.load(path)
     try:
         with atomic_directory(entry) as tmp:  # a concurrent start reads the old entry or the new one
-            skeleton = _encode(vars(store), tmp, [0])
-            (tmp / DATASTORE_SKELETON).write_text(json.dumps(skeleton))
-    except (OSError, TypeError):  # read-only cache, or an attribute this format does not hold
+            store.write_built(tmp)
+    except (OSError, TypeError):  # read-only cache, or an attribute the format does not hold
         pass
     return store
-
-
-def _read_cached(entry: Path) -> Datastore:
-    store = Datastore.__new__(Datastore)
-    store.__dict__.update(_decode(json.loads((entry / DATASTORE_SKELETON).read_text()), entry))
-    return store
-
-
-def _encode(value: Any, directory: Path, counter: list[int]) -> Any:
-    """`value` as JSON, each non-empty array written to its own .npy in `directory`; TypeError for
-    what the cache does not hold (then it is not written)."""
-    if isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
-            raise TypeError("object arrays are not cached")
-        if value.size == 0:  # numpy cannot map an empty file
-            return {"empty": value.dtype.str, "shape": list(value.shape)}
-        counter[0] += 1
-        name = f"{counter[0]}.npy"
-        np.save(directory / name, value, allow_pickle=False)
-        return {"array": name}
-    if value is None or type(value) in (bool, int, float, str):
-        return {"value": value}
-    if type(value) in (list, tuple):
-        return {type(value).__name__: [_encode(v, directory, counter) for v in value]}
-    if type(value) is dict:
-        return {"dict": [[_encode(k, directory, counter), _encode(v, directory, counter)] for k, v in value.items()]}
-    raise TypeError(f"{type(value).__name__} is not cached")
-
-
-def _decode(node: dict[str, Any], directory: Path) -> Any:
-    if "array" in node:
-        return np.load(directory / Path(node["array"]).name, mmap_mode="c", allow_pickle=False)
-    if "empty" in node:
-        return np.zeros(node["shape"], dtype=np.dtype(node["empty"]))
-    if "value" in node:
-        return node["value"]
-    if "list" in node:
-        return [_decode(v, directory) for v in node["list"]]
-    if "tuple" in node:
-        return tuple(_decode(v, directory) for v in node["tuple"])
-    return {_decode(k, directory): _decode(v, directory) for k, v in node["dict"]}
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tidar.cli.args import (
 )
 from tidar.decode.options import options
 from tidar.measure.bench import benchmark, check_options, format_table
+from tidar.measure.cold_start import MAX_NEW_TOKENS, cold_start, format_cold_start
 from tidar.measure.plots import plot_bench
 from tidar.measure.prompts import SOURCES, BenchError, load_prompts
 from tidar.measure.runners import (
@@ -80,7 +82,25 @@ def build_parser() -> Parser:
     p.add_argument("--json", default=None, help="write the report to this file")
     p.add_argument("--plots", default=None, help="write PNG plots to this directory")
     p.add_argument("--profile", default=None, help="a `tidar profile --json` file to plot with the operating point")
+    p.add_argument("--cold-start", type=positive_int, default=None, metavar="RUNS",
+                   help="also time RUNS fresh `tidar generate --stream --max-new-tokens "
+                        f"{MAX_NEW_TOKENS}` processes (with --model/--dtype/--weights/--threads as given) and as "
+                        "many llama.cpp ones on the same GGUF, alternating, after one untimed run of each: "
+                        "first token, wall time and peak RSS (the report's `cold_start`)")
     return p
+
+
+def cold_start_report(args: argparse.Namespace) -> dict:
+    """`--cold-start`: fresh `tidar generate` processes with the bench's model flags, and llama.cpp."""
+    flags = {"--model": args.model, "--dtype": args.dtype, "--weights": args.weights, "--threads": args.threads}
+    generate_args = []
+    for flag, value in flags.items():
+        if value is not None:
+            generate_args += [flag, str(value)]
+    report = cold_start(args.cold_start, generate_args=generate_args, threads=args.threads,
+                        log=None if args.no_progress else sys.stderr)
+    print(format_cold_start(report))
+    return report
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
     if other_cpu is not None and other_cpu > 0.1:
         print(f"note: other processes used {other_cpu:.0%} of the machine's CPU during the run: "
               "these timings are a smoke test only")
+    if args.cold_start:
+        report["cold_start"] = cold_start_report(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -24,6 +24,7 @@ The kernel is compiled like `tidar.model.kernels` (once, cached; `TIDAR_KERNELS=
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,7 @@ class Q4Weight:
     qw: torch.Tensor
     dm: torch.Tensor
     amx: bool = True  # bfloat16 inputs on the AMX tiles where present (False: the fma path, for A/Bs)
+    extra: torch.Tensor | None = None  # dense rows computed in the same call (`with_rows`), pair layout
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -135,8 +137,21 @@ class Q4Weight:
     def dequantize(self) -> torch.Tensor:
         return dequantize_q4_1(*self.fields())
 
+    def with_rows(self, rows: torch.Tensor) -> Q4Weight | None:
+        """This matmul followed, in the same call, by x @ rows^T for dense bfloat16 `rows` (R, K): the
+        adapter's A rows beside the base projection, one kernel call instead of two (a separate small
+        matmul costs about 60 us on this CPU, whatever its size). The output has N + R' columns, R'
+        being R rounded up to a multiple of 32 (zeros after R); the base outputs are the same bits as
+        without. On the AMX path only: None elsewhere (and for float32 rows)."""
+        r, k = rows.shape
+        if not (self.amx and amx() and k == self.shape[1] and rows.dtype == torch.bfloat16):
+            return None
+        padded = torch.cat([rows, rows.new_zeros(-r % OUT_BLOCK, k)])
+        packed = padded.view(-1, 2, OUT_BLOCK // 2, k // 2, 2).permute(0, 3, 1, 2, 4).contiguous()
+        return dataclasses.replace(self, extra=packed)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.tidar_q4.linear(x, self.qw, self.dm, self.amx)
+        return torch.ops.tidar_q4.linear(x, self.qw, self.dm, self.amx, self.extra)
 
 
 def to_int4pack(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

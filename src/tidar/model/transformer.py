@@ -8,8 +8,9 @@ AR path of the network computes exactly the base model.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -139,23 +140,29 @@ class FusedLinear(nn.Module):
     block-diagonal B with the scale folded in is added on the mask rows.
     """
 
-    def __init__(self, parts: list[Linear]) -> None:
+    def __init__(self, parts: list[Linear], q4: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """`q4`: the base rows' matmul on 4-bit blocks (see `use_q4`); then the parts' dense weights are
+        not read (they may be meta tensors) and `weight` holds only the adapter's A rows: the state
+        `use_q4` then `release_base` leave, without the dense base ever being concatenated."""
         super().__init__()
         self.sizes = [p.out_features for p in parts]
         self.n_out = sum(self.sizes)
         has_lora = all(hasattr(p, "lora_a") for p in parts)
         if not has_lora and any(hasattr(p, "lora_a") for p in parts):
             raise ValueError("fuse only layers that all have, or all lack, an adapter")
-        rows = [p.weight.data for p in parts] + ([p.lora_a.data for p in parts] if has_lora else [])
-        weight = torch.cat(rows)  # (sum out [+ sum r], in)
+        lora_rows = [p.lora_a.data for p in parts] if has_lora else []
+        base_rows = [p.weight.data for p in parts] if q4 is None else []
+        weight = (torch.cat(base_rows + lora_rows) if base_rows + lora_rows  # (sum out [+ sum r], in)
+                  else torch.empty(0, parts[0].in_features, dtype=parts[0].weight.dtype))
         bias = None
         if parts[0].bias is not None:
             bias = torch.cat([p.bias.data for p in parts])
             if has_lora:
-                bias = torch.cat([bias, bias.new_zeros(weight.shape[0] - self.n_out)])
+                bias = torch.cat([bias, bias.new_zeros(sum(r.shape[0] for r in lora_rows))])
         start = 0
         for p, n in zip(parts, self.sizes, strict=True):
-            p.weight.data = weight[start:start + n]
+            if q4 is None:
+                p.weight.data = weight[start:start + n]
             if bias is not None:
                 p.bias.data = bias[start:start + n]
             start += n
@@ -176,10 +183,12 @@ class FusedLinear(nn.Module):
         self.packed_full: PackedWeight | None = None
         self.packed_lora_a: PackedWeight | None = None  # the adapter's A rows alone, beside a `q4` base
         self.packed_lora_b: PackedWeight | None = None
+        self.q4_full: Callable[[torch.Tensor], torch.Tensor] | None = None  # q4 base rows, then the A rows
         self.packing = False
         # the base rows' matmul on 4-bit blocks (x -> x @ W_base^T, `quant.Q4Weight`), or None: the dense weight
-        self.q4: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.a_start = self.n_out  # the adapter's A rows in `weight` start here (0 once `release_base` ran)
+        self.q4 = q4
+        # the adapter's A rows in `weight` start here (0 once `release_base` ran, or built on `q4`)
+        self.a_start = self.n_out if q4 is None else 0
 
     def release_base(self) -> None:
         """Keep only the adapter's A rows of `weight`: the q4 matmul computes the base rows, and their
@@ -197,6 +206,9 @@ class FusedLinear(nn.Module):
         self.packed_full = pack_weight(self.weight) if enable and lora and dense else None
         self.packed_lora_a = pack_weight(self.weight[self.a_start:]) if enable and lora and not dense else None
         self.packed_lora_b = pack_weight(self.lora_b) if enable and lora else None
+        # the adapter's A rows in the q4 matmul's own call, where it can (`quant.Q4Weight.with_rows`)
+        with_rows = getattr(self.q4, "with_rows", None)
+        self.q4_full = with_rows(self.weight[self.a_start:]) if enable and lora and with_rows else None
 
     def use_q4(self, matmul: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         """Compute the base rows with `matmul` (see `quant.quantize_q4_`; None: the dense weight again).
@@ -213,7 +225,13 @@ class FusedLinear(nn.Module):
     def output(self, x: torch.Tensor, mask_rows: MaskRows) -> torch.Tensor:
         """All parts' outputs side by side, (..., sum out)."""
         adapter = self.lora_b is not None and mask_rows is not None
-        if self.q4 is not None:
+        if self.q4 is not None and adapter and self.q4_full is not None:
+            full = self.q4_full(x)
+            rank = self.weight.shape[0] - self.a_start
+            out, down = full[..., : self.n_out], full[..., self.n_out: self.n_out + rank]
+            if self.bias is not None:
+                out += self.bias[: self.n_out]
+        elif self.q4 is not None:
             out = self.q4(x)
             if self.bias is not None:
                 out += self.bias[: self.n_out]
@@ -502,6 +520,11 @@ def _refuse_released(module: nn.Module, prefix: str, keep_vars: bool) -> None:
     raise DenseReleasedError(DENSE_RELEASED)
 
 
+# The projections fused for inference in each layer, in this order: (module, fused attribute, parts)
+FUSED_PROJECTIONS = (("self_attn", "qkv", ("q_proj", "k_proj", "v_proj")), ("self_attn", "o", ("o_proj",)),
+                     ("mlp", "gate_up", ("gate_proj", "up_proj")), ("mlp", "down", ("down_proj",)))
+
+
 class Transformer(nn.Module):
     """Decoder-only LM; `forward` returns logits over the base vocabulary (never the [MASK] id)."""
 
@@ -552,42 +575,57 @@ class Transformer(nn.Module):
         have.rank, have.alpha = rank, alpha
 
     @torch.no_grad()
-    def fuse_for_inference(self, pack: bool = True, use_kernels: bool = True) -> Transformer:
+    def fuse_for_inference(self, pack: bool = True, use_kernels: bool = True,
+                           q4: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None) -> Transformer:
         """Fuse q/k/v and gate/up projections and their adapters, (`pack`, CPU) pre-pack every
         inference weight for oneDNN, and (`use_kernels`, CPU) run the engine's layers on the
         compiled kernels (`tidar.model.kernels`) where they build. Call after the last `.to()`
         and after loading weights: the fused adapter and the packed weights are copies; training
-        ignores the fused path."""
-        if self.dense_released:
+        ignores the fused path. `q4`: each fused projection's base matmul on 4-bit blocks, in the
+        order of `FUSED_PROJECTIONS` layer by layer (`quant.fused_parts`'s); the dense base is then
+        neither read nor kept (`drop_dense_base`), as after `quantize_q4_(release_dense=True)`."""
+        if self.dense_released and q4 is None:
             raise DenseReleasedError(DENSE_RELEASED)
+        if q4 is not None and len(q4) != len(FUSED_PROJECTIONS) * len(self.layers):
+            raise ValueError(f"q4 has {len(q4)} matmuls for {len(FUSED_PROJECTIONS) * len(self.layers)} fused projections")
+        matmuls = iter(q4) if q4 is not None else itertools.repeat(None)
         for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
-            attn.o = FusedLinear([attn.o_proj])
-            mlp.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
-            mlp.down = FusedLinear([mlp.down_proj])
+            for module, fused, parts in FUSED_PROJECTIONS:
+                owner = getattr(layer, module)
+                setattr(owner, fused, FusedLinear([getattr(owner, p) for p in parts], next(matmuls)))
+        if q4 is not None:
+            self.drop_dense_base()
         self.use_kernels(use_kernels)
         return self.pack_weights(pack)
+
+    def base_projections(self) -> dict[str, Linear]:
+        """The base projections that `FUSED_PROJECTIONS` fuse, by the names of their modules."""
+        return {f"layers.{i}.{module}.{p}": getattr(getattr(layer, module), p)
+                for i, layer in enumerate(self.layers) for module, _, parts in FUSED_PROJECTIONS for p in parts}
 
     @torch.no_grad()
     def release_dense_base(self) -> Transformer:
         """Free the dense copies of the base projections once every fused projection runs on Q4_1
-        blocks (`quant.quantize_q4_`): about 210 MB of SmolLM2's 270 MB in bfloat16. The parts'
-        weights become meta tensors (shapes kept, no storage); training, saving and the dense path
-        then raise DenseReleasedError instead of failing somewhere inside."""
-        fused = [f for layer in self.layers for f in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up,
-                                                      layer.mlp.down)]
+        blocks (`quant.quantize_q4_`): about 210 MB of SmolLM2's 270 MB in bfloat16."""
+        fused = [getattr(getattr(layer, module), name) for layer in self.layers for module, name, _ in FUSED_PROJECTIONS]
         if not fused or any(f is None or f.q4 is None for f in fused):
             raise DenseReleasedError("release_dense_base needs every projection on the q4 path (quantize_q4_)")
         for f in fused:
             f.release_base()
-        for layer in self.layers:
-            for part in (*(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                w = part.weight
-                part.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
-        self.dense_released = True
-        self.register_state_dict_pre_hook(_refuse_released)
+        return self.drop_dense_base()
+
+    @torch.no_grad()
+    def drop_dense_base(self) -> Transformer:
+        """Make the base projections' weights meta tensors (shapes kept, no storage): a model whose
+        base projections run on Q4_1 blocks only (`release_dense_base`, or a loader that never read
+        them). Training, saving and the dense path then raise DenseReleasedError instead of failing
+        somewhere inside."""
+        for part in self.base_projections().values():
+            w = part.weight
+            part.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+        if not self.dense_released:
+            self.dense_released = True
+            self.register_state_dict_pre_hook(_refuse_released)
         return self
 
     def train(self, mode: bool = True) -> Transformer:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
 from tidar.model import quant
@@ -57,15 +57,24 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def _our_name(name: str) -> str:
+    """A checkpoint's tensor name (Hugging Face's, ours on disk) as the Transformer's state_dict names it."""
+    name = name.removeprefix("model.")
+    return "mask_embed" if name == "tidar_mask_embed" else name
+
+
 def _to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        if k.startswith("model."):
-            k = k[len("model."):]
-        if k == "tidar_mask_embed":
-            k = "mask_embed"
-        out[k] = v
-    return out
+    return {_our_name(k): v for k, v in state.items()}
+
+
+class _Except:
+    """The checkpoint names whose tensors are not among `skipped` (ours): `read_safetensors`'s `only`."""
+
+    def __init__(self, skipped: Container[str]) -> None:
+        self.skipped = skipped
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and _our_name(name) not in self.skipped
 
 
 def _to_hf(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
@@ -247,36 +256,44 @@ def resolve_model_path(name: str | Path | None) -> Path:
 
 
 def load_model(name: str | Path | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> Transformer:
-    """Load a model directory: full checkpoint (ours or Hugging Face) or an adapter on a base."""
+               device: str | torch.device = "cpu", dense_base: bool = True) -> Transformer:
+    """Load a model directory: full checkpoint (ours or Hugging Face) or an adapter on a base.
+    `dense_base=False`: the base projections' weights are not read (`Transformer.drop_dense_base`:
+    meta tensors), for a model fused on Q4_1 blocks (`fuse_for_inference(q4=...)`); CPU only."""
+    if not dense_base and torch.device(device).type != "cpu":
+        raise WeightsError(f"a model without its dense base runs on the CPU's Q4_1 kernel, not on {device}")
     path = resolve_model_path(name)
     if (path / MANIFEST_FILE).exists() and (path / ADAPTER_FILE).exists():
         manifest = json.loads((path / MANIFEST_FILE).read_text())
         # the base straight in `dtype`: the values of converting the float32 model afterwards
-        model = load_model(manifest.get("base", DEFAULT_BASE), dtype=dtype)
+        model = load_model(manifest.get("base", DEFAULT_BASE), dtype=dtype, device=device, dense_base=dense_base)
         with _SkipInit():  # every adapter weight is loaded next (checked below)
             model.add_adapter(AdapterConfig(**manifest["adapter"]))
         model.config.block_size = manifest.get("block_size", model.config.block_size)
-        state = load_file(path / ADAPTER_FILE)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        # assign: the adapter's tensors as read (the branches of meta base weights are meta themselves)
+        missing, unexpected = model.load_state_dict(read_safetensors(path / ADAPTER_FILE), strict=False, assign=True)
         partial = [k for k in missing if "lora_" in k or k == "mask_embed"]
         if unexpected or partial:
             raise WeightsError(f"adapter at {path} does not match its manifest: unexpected {unexpected[:3]}, "
                                f"missing {partial[:3]}")
-        return model.to(device=device, dtype=dtype).eval()
-    return _load_checkpoint(path, dtype).to(device=device).eval()
+        # meta tensors cannot be copied to a device; a model without its dense base is on the CPU already
+        return model.to(device=device if dense_base else None, dtype=dtype).eval()
+    return _load_checkpoint(path, dtype, dense_base).to(device=device if dense_base else None).eval()
 
 
-def _load_checkpoint(path: Path, dtype: torch.dtype) -> Transformer:
-    """A full checkpoint, read straight into `dtype` (never a float32 copy of a bfloat16 model)."""
+def _load_checkpoint(path: Path, dtype: torch.dtype, dense_base: bool = True) -> Transformer:
+    """A full checkpoint, read straight into `dtype` (never a float32 copy of a bfloat16 model);
+    without its base projections' weights where `dense_base` is False."""
     config = TidarConfig.load(path)
     with _SkipInit():
         model = Transformer(config)
-    state = _to_ours(_read_state(path, dtype))
+    # dropped before anything touches them: the skeleton's float32 weights never become resident
+    skipped = set() if dense_base else {f"{k}.weight" for k in model.drop_dense_base().base_projections()}
+    state = _to_ours(_read_state(path, dtype, _Except(skipped)))
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    allowed = {"mask_embed"} | ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    allowed = skipped | {"mask_embed"} | ({"lm_head.weight"} if config.tie_word_embeddings else set())
     if unexpected or set(missing) - allowed:
         raise WeightsError(f"weights in {path} do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if "mask_embed" in missing:
@@ -317,47 +334,78 @@ def load_for_inference(name: str | Path | None = None, dtype: torch.dtype = torc
     if weights == "q4" and not quant.available():
         raise WeightsError(f"--weights q4: the Q4_1 kernel is unavailable ({quant.unavailable_reason()}); "
                            "use --weights dense")
-    model = load_model(name, dtype=dtype)
     if source is None or not quant.available():
-        return model.fuse_for_inference(), "dense"
-    # packed after the swap: the dense base, released by it, is never packed
-    model.fuse_for_inference(pack=False)
+        return load_model(name, dtype=dtype).fuse_for_inference(), "dense"
     try:
-        _quantize_cached(model, source)
+        model = _load_q4(name, dtype, source)
     except quant.QuantError as e:
         raise WeightsError(f"the Q4_1 path cannot run {name}: {e}; use --weights dense") from None
     _return_freed_memory()
+    # packed after the swap: the dense base is never packed
     return model.pack_weights(), "q4"
 
 
-def _quantize_cached(model: Transformer, gguf: Path) -> None:
-    """`quant.quantize_q4_(model, gguf, release_dense=True)` through a cache of its result (the
-    kernel-layout blocks, `cache_dir()/q4`): parsing the GGUF (gguf's reader reads every metadata
-    field, the 49K-token vocabulary included) took 3.4 s of a cold start. An entry is keyed by the
-    GGUF's bytes and quant.py's source (the layout), and checked against the model's shapes."""
-    # the GGUF hashed in chunks: its bytes at once would add 90 MB to the peak
-    h = hashlib.sha256((file_sha256(gguf) + torch.__version__).encode() + Path(quant.__file__).read_bytes())
-    entry = cache_dir() / "q4" / f"{h.hexdigest()[:32]}.safetensors"
-    parts = quant.fused_parts(model)
-    state = read_safetensors(entry) if entry.exists() else None
-    if state is None or len(state) != 2 * len(parts):
-        quant.quantize_q4_(model, gguf, release_dense=True)
-        blocks = {f"{k}.{f}": getattr(fused.q4, f) for k, (_, fused, _) in enumerate(parts) for f in ("qw", "dm")}
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_suffix(f".{os.getpid()}.tmp")
-            save_file(blocks, tmp)
-            os.replace(tmp, entry)  # atomic: a concurrent start reads a whole entry or none
-        except OSError:  # a read-only cache: quantized from the GGUF each time
-            pass
-        return
-    for k, (i, fused, _) in enumerate(parts):
-        weight = quant.Q4Weight(state[f"{k}.qw"], state[f"{k}.dm"])
-        if weight.shape != (fused.n_out, fused.weight.shape[1]):
-            raise quant.QuantError(f"layer {i}: cached blocks of shape {weight.shape} for {fused.n_out} x "
-                                   f"{fused.weight.shape[1]}; delete {entry}")
-        fused.use_q4(weight)
-    model.release_dense_base()
+def _load_q4(name: str | Path | None, dtype: torch.dtype, gguf: Path) -> Transformer:
+    """The model fused on the GGUF's Q4_1 blocks, inference-only, unpacked. The blocks come from a
+    cache of `quant.quantize_q4_`'s result (the kernel-layout blocks, `cache_dir()/q4`): parsing the
+    GGUF (gguf's reader reads every metadata field, the 49K-token vocabulary included) took 3.4 s of
+    a cold start. From a cache entry the dense base projections are never read (210 MB of SmolLM2's
+    270 MB in bfloat16, once the peak of a start); the first start reads them, quantizes from the GGUF
+    and writes the entry."""
+    entry = _q4_entry(gguf)
+    blocks = _read_q4_entry(entry)
+    if blocks is not None:
+        model = load_model(name, dtype=dtype, dense_base=False)
+        if len(blocks) == len(quant.fused_parts(model)):  # else an entry of another model: rebuilt below
+            model.fuse_for_inference(pack=False, q4=blocks)
+            for i, fused, _ in quant.fused_parts(model):
+                if fused.q4.shape != (fused.n_out, fused.weight.shape[1]):
+                    raise quant.QuantError(f"layer {i}: cached blocks of shape {fused.q4.shape} for {fused.n_out} x "
+                                           f"{fused.weight.shape[1]}; delete {entry}")
+            return model
+    model = load_model(name, dtype=dtype).fuse_for_inference(pack=False)
+    quant.quantize_q4_(model, gguf, release_dense=True)
+    _write_q4_entry(entry, model)
+    return model
+
+
+def _q4_entry(gguf: Path) -> Path:
+    """The cache entry of a GGUF's blocks, keyed by the file's resolved path, size and modification
+    time (hashing its 90 MB took a share of every start) plus torch's version and quant.py's source
+    (the layout): a replaced or rewritten GGUF gets an entry of its own."""
+    path = gguf.resolve()
+    st = path.stat()
+    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{torch.__version__}\0".encode()
+    return cache_dir() / "q4" / f"{hashlib.sha256(key + Path(quant.__file__).read_bytes()).hexdigest()[:32]}.safetensors"
+
+
+def _read_q4_entry(entry: Path) -> list[quant.Q4Weight] | None:
+    """The blocks of each fused projection (`quant.fused_parts`'s order), or None where the entry is
+    missing or unreadable (then rebuilt)."""
+    try:
+        state = read_safetensors(entry)
+    except (OSError, ValueError):  # no entry yet, or a damaged one (WeightsError is a ValueError)
+        return None
+    n = len(state) // 2
+    if sorted(state) != sorted(f"{k}.{f}" for k in range(n) for f in ("qw", "dm")):
+        return None
+    return [quant.Q4Weight(state[f"{k}.qw"], state[f"{k}.dm"]) for k in range(n)]
+
+
+def _write_q4_entry(entry: Path, model: Transformer) -> None:
+    blocks = {f"{k}.{f}": getattr(fused.q4, f) for k, (_, fused, _) in enumerate(quant.fused_parts(model))
+              for f in ("qw", "dm")}
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+        save_file(blocks, tmp)
+        os.replace(tmp, entry)  # atomic: a concurrent start reads a whole entry or none
+        # one entry is kept: every edit of quant.py or torch upgrade keys a new one (66 MB for SmolLM2)
+        for old in entry.parent.glob("*.safetensors"):
+            if old != entry:
+                old.unlink(missing_ok=True)
+    except OSError:  # a read-only cache: quantized from the GGUF each time
+        pass
 
 
 def _return_freed_memory() -> None:

@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -177,6 +178,29 @@ void tile_amx(int rows, const uint16_t* x, const float* xg, int64_t K, const uin
   }
 }
 
+
+// `rows` (<= 16) bfloat16 rows x 32 dense bfloat16 outputs (the adapter's A rows that ride along with a
+// projection): a packed (K/2, 2, 16, 2), per input pair outputs 0-15 then 16-31 in the tiles' pair
+// layout. The sums run over all of K in the tiles, with no per-group scale.
+template <typename T>
+void tile_amx_dense(int rows, const uint16_t* x, int64_t K, const uint16_t* a, T* out, int64_t ld) {
+  alignas(64) float sums[2][AMX_ROWS * 16];
+  _tile_zero(3);
+  _tile_zero(4);
+  for (int64_t g = 0; g < K / 32; ++g) {
+    _tile_loadd(0, x + g * 32, K * 2);
+    _tile_loadd(1, a + g * 16 * 64, 128);
+    _tile_loadd(2, a + g * 16 * 64 + 32, 128);
+    _tile_dpbf16ps(3, 0, 1);
+    _tile_dpbf16ps(4, 0, 2);
+  }
+  _tile_stored(3, sums[0], 64);
+  _tile_stored(4, sums[1], 64);
+  for (int r = 0; r < rows; ++r) {
+    store16(out + r * ld, _mm512_load_ps(sums[0] + r * 16));
+    store16(out + r * ld + 16, _mm512_load_ps(sums[1] + r * 16));
+  }
+}
 #else
 constexpr bool HAS_AMX = false;
 constexpr int AMX_ROWS = 16;
@@ -184,6 +208,8 @@ bool amx_permitted() { return false; }
 void configure_tiles(int) {}
 template <typename T>
 void tile_amx(int, const uint16_t*, const float*, int64_t, const uint8_t*, const uint16_t*, T*, int64_t) {}
+template <typename T>
+void tile_amx_dense(int, const uint16_t*, int64_t, const uint16_t*, T*, int64_t) {}
 #endif
 #else
 // the same fma sequence per output, one scalar at a time
@@ -214,6 +240,8 @@ bool amx_permitted() { return false; }
 void configure_tiles(int) {}
 template <typename T>
 void tile_amx(int, const uint16_t*, const float*, int64_t, const uint8_t*, const uint16_t*, T*, int64_t) {}
+template <typename T>
+void tile_amx_dense(int, const uint16_t*, int64_t, const uint16_t*, T*, int64_t) {}
 #endif
 
 #define TIDAR_Q4_TILES(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
@@ -266,20 +294,27 @@ bool amx_path() {
   return on;
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& dm, bool use_amx) {
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& dm, bool use_amx,
+                     const std::optional<at::Tensor>& extra) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "q4_linear: float32 or bfloat16 input");
   TORCH_CHECK(qw.scalar_type() == at::kByte && qw.dim() == 3 && qw.size(2) == 16 && qw.is_contiguous(), "q4_linear: qw (N/32, K, 16) uint8");
   TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous(), "q4_linear: dm float16");
   const int64_t K = x.size(-1), NB = qw.size(0), N = NB * 32;
   TORCH_CHECK(qw.size(1) == K && K % 32 == 0 && dm.numel() == NB * (K / 32) * 64, "q4_linear: shapes");
+  const bool amx = x.scalar_type() == at::kBFloat16 && use_amx && amx_path();
+  TORCH_CHECK(!extra || amx, "q4_linear: extra rows need bfloat16 x on the AMX path");
+  const int64_t EB = extra ? extra->size(0) : 0;  // 32-row blocks of extra outputs
+  TORCH_CHECK(!extra || (extra->scalar_type() == at::kBFloat16 && extra->is_contiguous() && extra->dim() == 5 &&
+                         extra->size(1) * 2 == K), "q4_linear: extra (R/32, K/2, 2, 16, 2) bfloat16");
+  const int64_t ld = N + EB * 32;
   auto sizes = x.sizes().vec();
-  sizes.back() = N;
+  sizes.back() = ld;
   at::Tensor out = at::empty(sizes, x.options());
   const int64_t M = x.numel() / K;
   if (M == 0) return out;
   const uint8_t* qp = qw.const_data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(dm.const_data_ptr<at::Half>());
-  if (x.scalar_type() == at::kBFloat16 && use_amx && amx_path()) {
+  if (amx) {
     const at::Tensor xb = x.reshape({-1, K}).contiguous();
     const at::Tensor xg = group_sums(xb);
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<c10::BFloat16>());
@@ -287,10 +322,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
     c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
     // the tile configuration is per thread, and other AMX users (oneDNN) load their own in between
     thread_local int configured = -1;
-    for_each_tile(M, NB, AMX_ROWS, [&] { configured = -1; }, [&](int64_t nb, int64_t r0, int64_t rows) {
+    const uint16_t* ep = extra ? reinterpret_cast<const uint16_t*>(extra->const_data_ptr<c10::BFloat16>()) : nullptr;
+    for_each_tile(M, NB + EB, AMX_ROWS, [&] { configured = -1; }, [&](int64_t nb, int64_t r0, int64_t rows) {
       if (rows != configured) configure_tiles(configured = static_cast<int>(rows));
-      tile_amx(static_cast<int>(rows), xp + r0 * K, gp + r0 * (K / 32), K, qp + nb * K * 16,
-               dp + nb * (K / 32) * 64, op + r0 * N + nb * 32, N);
+      if (nb < NB)
+        tile_amx(static_cast<int>(rows), xp + r0 * K, gp + r0 * (K / 32), K, qp + nb * K * 16,
+                 dp + nb * (K / 32) * 64, op + r0 * ld + nb * 32, ld);
+      else
+        tile_amx_dense(static_cast<int>(rows), xp + r0 * K, K, ep + (nb - NB) * K * 32, op + r0 * ld + nb * 32, ld);
     });
     return out;
   }
@@ -310,7 +349,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY(tidar_q4, m) {
-  m.def("linear(Tensor x, Tensor qw, Tensor dm, bool amx=True) -> Tensor");  // amx=False: the fma path
+  m.def("linear(Tensor x, Tensor qw, Tensor dm, bool amx=True, Tensor? extra=None) -> Tensor");  // amx=False: the fma path
   m.def("amx() -> bool", &amx_path);  // whether bfloat16 x takes the AMX path
 }
 
