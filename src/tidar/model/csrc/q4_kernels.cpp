@@ -97,6 +97,31 @@ void tile(const float* xf, int64_t K, const uint8_t* qw, const uint16_t* dm, T* 
   }
 }
 
+#else
+// the same fma sequence per output, one scalar at a time
+template <int MT, typename T>
+void tile(const float* xf, int64_t K, const uint8_t* qw, const uint16_t* dm, T* out, int64_t N) {
+  float acc[MT][32] = {};
+  for (int64_t g = 0; g < K / 32; ++g) {
+    float d[32], m[32];
+    for (int j = 0; j < 32; ++j) {
+      d[j] = static_cast<float>(c10::Half(dm[g * 64 + j], c10::Half::from_bits()));
+      m[j] = static_cast<float>(c10::Half(dm[g * 64 + 32 + j], c10::Half::from_bits()));
+    }
+    for (int64_t k = g * 32; k < g * 32 + 32; ++k) {
+      float w[32];
+      for (int j = 0; j < 16; ++j) {
+        w[j] = std::fma(static_cast<float>(qw[k * 16 + j] & 0xF), d[j], m[j]);
+        w[j + 16] = std::fma(static_cast<float>(qw[k * 16 + j] >> 4), d[j + 16], m[j + 16]);
+      }
+      for (int r = 0; r < MT; ++r)
+        for (int j = 0; j < 32; ++j) acc[r][j] = std::fma(xf[r * K + k], w[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < MT; ++r) store_row(out + r * N, acc[r]);
+}
+#endif
+
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 constexpr bool HAS_AMX = true;
 constexpr int AMX_ROWS = 16;  // rows of an AMX tile
@@ -202,38 +227,6 @@ void tile_amx_dense(int rows, const uint16_t* x, int64_t K, const uint16_t* a, T
   }
 }
 #else
-constexpr bool HAS_AMX = false;
-constexpr int AMX_ROWS = 16;
-bool amx_permitted() { return false; }
-void configure_tiles(int) {}
-template <typename T>
-void tile_amx(int, const uint16_t*, const float*, int64_t, const uint8_t*, const uint16_t*, T*, int64_t) {}
-template <typename T>
-void tile_amx_dense(int, const uint16_t*, int64_t, const uint16_t*, T*, int64_t) {}
-#endif
-#else
-// the same fma sequence per output, one scalar at a time
-template <int MT, typename T>
-void tile(const float* xf, int64_t K, const uint8_t* qw, const uint16_t* dm, T* out, int64_t N) {
-  float acc[MT][32] = {};
-  for (int64_t g = 0; g < K / 32; ++g) {
-    float d[32], m[32];
-    for (int j = 0; j < 32; ++j) {
-      d[j] = static_cast<float>(c10::Half(dm[g * 64 + j], c10::Half::from_bits()));
-      m[j] = static_cast<float>(c10::Half(dm[g * 64 + 32 + j], c10::Half::from_bits()));
-    }
-    for (int64_t k = g * 32; k < g * 32 + 32; ++k) {
-      float w[32];
-      for (int j = 0; j < 16; ++j) {
-        w[j] = std::fma(static_cast<float>(qw[k * 16 + j] & 0xF), d[j], m[j]);
-        w[j + 16] = std::fma(static_cast<float>(qw[k * 16 + j] >> 4), d[j + 16], m[j + 16]);
-      }
-      for (int r = 0; r < MT; ++r)
-        for (int j = 0; j < 32; ++j) acc[r][j] = std::fma(xf[r * K + k], w[j], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < MT; ++r) store_row(out + r * N, acc[r]);
-}
 constexpr bool HAS_AMX = false;
 constexpr int AMX_ROWS = 16;
 bool amx_permitted() { return false; }
