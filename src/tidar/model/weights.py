@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from tidar.model import quant
 from tidar.model.config import AdapterConfig, TidarConfig
-from tidar.model.files import find_smollm2_gguf
+from tidar.model.files import cache_dir, find_smollm2_gguf
 from tidar.model.tokenizer import Tokenizer
 from tidar.model.transformer import Transformer
 
@@ -36,11 +36,6 @@ SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "smollm2-tid
 
 class WeightsError(ValueError):
     """A model that cannot be found or loaded."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("TIDAR_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tidar"
-    return Path(root)
 
 
 def smollm2_gguf_path() -> Path:
