@@ -5,7 +5,7 @@
 // alone (not on how many rows the call has, the row tiling or the thread split), so a token's row
 // comes out bit for bit the same alone or among others and TiDAR's greedy output equals AR's.
 //
-// float32 x (and bfloat16 x where the CPU lacks AVX512-BF16): every weight is fma(q, d, m) in
+// float32 x (and bfloat16 x where the CPU or the OS gives no AMX): every weight is fma(q, d, m) in
 // float32. q * d is exact in float32 (an 11-bit significand times a 4-bit integer), so this is one
 // rounding of d * q + m, the value gguf.quants.dequantize computes. Each output is one float32
 // accumulator that adds x[k] * w[k] with fma for k = 0, 1, ..., K-1 in that order. The portable
@@ -18,8 +18,9 @@
 // the input tile alone. The group's codes become bfloat16 once per call (a 16-entry table) and serve
 // every row, so a row costs a few AMX instructions per group instead of 64 vector fmas. The float32
 // result differs from the fma path's by accumulation rounding only (tests/test_quant.py bounds it).
-// Every bfloat16 call takes the same path, whatever its number of rows.
-
+// Every bfloat16 call takes the same path, whatever its number of rows. On this path a call may also
+// compute dense bfloat16 rows beside the projection (`extra`: the adapter's A rows), in their own tiles.
+//
 // Speed: a block of 32 inputs x 32 outputs is dequantized once per tile of up to 12 (AMX: 16) rows and read
 // from memory once per call; at a decode step's few rows the matmul streams 4.5 bits per weight
 // instead of bfloat16's 16.
