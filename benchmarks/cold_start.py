@@ -30,10 +30,8 @@ def main() -> None:
     p.add_argument("--no-llama", action="store_true", help="measure tidar only")
     p.add_argument("--baseline-src", type=Path,
                    help="also measure the tidar package under this src directory (another checkout, e.g. "
-                        "`git archive HEAD src | tar -x -C /tmp/base`), as tidar-baseline. Caution: torch's "
-                        "JIT extensions rebuild when their source path changes, so alternating checkouts "
-                        "recompile the kernels in every run (measured: 45-57 s a run, peak RSS with the "
-                        "compiler's); compare separate invocations instead")
+                        "`git archive HEAD src | tar -x -C /tmp/base`), as tidar-baseline. Its kernels build "
+                        "once into tidar's cache if their source differs (keep --warmup >= 1 so the build is not timed)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
     extra = {}

@@ -190,12 +190,8 @@ def gguf_blocks(reader: object, layer: int, part: str, model: Transformer) -> np
 
 
 def fused_parts(model: Transformer) -> list[tuple[int, FusedLinear, list[str]]]:
-    out = []
-    for i, layer in enumerate(model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        out += [(i, attn.qkv, ["q_proj", "k_proj", "v_proj"]), (i, attn.o, ["o_proj"]),
-                (i, mlp.gate_up, ["gate_proj", "up_proj"]), (i, mlp.down, ["down_proj"])]
-    return out
+    """(layer, fused projection, its parts' names) of a fused model (`Transformer.fused_projections`)."""
+    return [(i, fused, list(parts)) for i, fused, parts in model.fused_projections()]
 
 
 @torch.no_grad()

@@ -214,7 +214,8 @@ class FusedLinear(nn.Module):
 
     def use_q4(self, matmul: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         """Compute the base rows with `matmul` (see `quant.quantize_q4_`; None: the dense weight again).
-        The adapter's rows stay dense: its down-projection becomes a separate small matmul."""
+        The adapter's A rows stay dense: in the same call where `matmul.with_rows` allows, else a
+        separate small matmul (`pack`)."""
         if matmul is None and self.a_start != self.n_out:
             raise DenseReleasedError(DENSE_RELEASED)
         self.q4 = matmul
@@ -227,19 +228,17 @@ class FusedLinear(nn.Module):
     def output(self, x: torch.Tensor, mask_rows: MaskRows) -> torch.Tensor:
         """All parts' outputs side by side, (..., sum out)."""
         adapter = self.lora_b is not None and mask_rows is not None
-        if self.q4 is not None and adapter and self.q4_full is not None:
-            full = self.q4_full(x)
-            rank = self.weight.shape[0] - self.a_start
-            out, down = full[..., : self.n_out], full[..., self.n_out: self.n_out + rank]
-            if self.bias is not None:
-                out += self.bias[: self.n_out]
-        elif self.q4 is not None:
-            out = self.q4(x)
+        if self.q4 is not None:
+            a_rows_along = adapter and self.q4_full is not None  # the A rows' outputs follow the base's
+            full = (self.q4_full if a_rows_along else self.q4)(x)
+            out = full[..., : self.n_out]
             if self.bias is not None:
                 out += self.bias[: self.n_out]
             if not adapter:
                 return out
-            down = linear(x, self.weight[self.a_start:], self.packed_lora_a)
+            rank = self.weight.shape[0] - self.a_start
+            down = (full[..., self.n_out: self.n_out + rank] if a_rows_along
+                    else linear(x, self.weight[self.a_start:], self.packed_lora_a))
         elif not adapter:
             # no adapter work: the base rows only (a prefix of the fused weight, no copy), so an AR
             # step reads no more weights than the base model does
@@ -600,6 +599,12 @@ class Transformer(nn.Module):
         self.use_kernels(use_kernels)
         return self.pack_weights(pack)
 
+    def fused_projections(self) -> list[tuple[int, FusedLinear | None, tuple[str, ...]]]:
+        """(layer, fused projection or None before `fuse_for_inference`, its parts' names), in the order
+        of `FUSED_PROJECTIONS` layer by layer."""
+        return [(i, getattr(getattr(layer, module), name, None), parts)
+                for i, layer in enumerate(self.layers) for module, name, parts in FUSED_PROJECTIONS]
+
     def base_projections(self) -> dict[str, Linear]:
         """The base projections that `FUSED_PROJECTIONS` fuse, by the names of their modules."""
         return {f"layers.{i}.{module}.{p}": getattr(getattr(layer, module), p)
@@ -609,7 +614,7 @@ class Transformer(nn.Module):
     def release_dense_base(self) -> Transformer:
         """Free the dense copies of the base projections once every fused projection runs on Q4_1
         blocks (`quant.quantize_q4_`): about 210 MB of SmolLM2's 270 MB in bfloat16."""
-        fused = [getattr(getattr(layer, module), name) for layer in self.layers for module, name, _ in FUSED_PROJECTIONS]
+        fused = [f for _, f, _ in self.fused_projections()]
         if not fused or any(f is None or f.q4 is None for f in fused):
             raise DenseReleasedError("release_dense_base needs every projection on the q4 path (quantize_q4_)")
         for f in fused:
@@ -645,8 +650,8 @@ class Transformer(nn.Module):
               and head_dim in (16, 32, 64, 128) and kernels.available())
         for layer in self.layers:
             layer.kernels = layer.self_attn.kernels = layer.mlp.kernels = on
-            for fused in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down):
-                fused.kernels = on and fused.n_out % 16 == 0
+        for _, fused, _ in self.fused_projections():
+            fused.kernels = on and fused.n_out % 16 == 0
         self._kernels = on
         return on
 
@@ -657,10 +662,9 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def pack_weights(self, enable: bool = True) -> Transformer:
         """Pre-pack the fused projections and the LM head (enable=False drops the packed copies)."""
-        for layer in self.layers:
-            for fused in (layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down):
-                if fused is not None:
-                    fused.pack(enable)
+        for _, fused, _ in self.fused_projections():
+            if fused is not None:
+                fused.pack(enable)
         self._packed_head = pack_weight(self.head_weight()) if enable else None
         return self
 
