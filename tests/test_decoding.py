@@ -143,6 +143,23 @@ def test_eos_ends_mid_block_like_ar():
         assert got.sequences[0] == cut
 
 
+def test_greedy_breaks_ties_toward_the_lowest_token_id(monkeypatch):
+    """Tied maxima pick the lowest id in AR, in TiDAR's verification and in its diffusion drafts
+    (the engine takes `max(-1).indices`, which documents the same rule as `argmax`)."""
+    model = tiny_model(seed=1)
+    vocab = model.config.vocab_size
+
+    def head(hidden):  # every row: a three-way tie at the maximum
+        logits = torch.zeros(*hidden.shape[:-1], vocab, dtype=hidden.dtype)
+        logits[..., [60, 7, 90]] = 1.0
+        return logits
+
+    monkeypatch.setattr(model, "head", head)
+    for mode in ("ar", "tidar"):
+        out = generate(model, [[1, 2, 3]], GenerationConfig(mode=mode, max_new_tokens=6, block_size=3, eos_token_id=[0]))
+        assert out.sequences[0] == [7] * 6
+
+
 def test_bad_arguments():
     model = tiny_model()
     with pytest.raises(GenerationError):

@@ -268,7 +268,7 @@ class Decoder:
         if self.cfg.do_sample:
             a, bonus = speculative_accept(st.drafts, self._dist(target), st.q, self.generator)
             return torch.where(torch.tensor(st.done), torch.ones_like(a), a), bonus
-        choice = target.argmax(-1)
+        choice = target.max(-1).indices  # argmax with its tie rule (the first index), faster here
         a = torch.where(torch.tensor(st.done), 1, greedy_accept(st.drafts, choice))
         return a, choice[torch.arange(len(a)), a - 1]
 
@@ -335,7 +335,7 @@ class Decoder:
         return warp_candidates(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
-        return sample_candidates(self._dist(logits), self.generator) if self.cfg.do_sample else logits.argmax(-1)
+        return sample_candidates(self._dist(logits), self.generator) if self.cfg.do_sample else logits.max(-1).indices
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,

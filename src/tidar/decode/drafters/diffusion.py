@@ -32,7 +32,7 @@ class DiffusionDrafter(Drafter):
             picks = sample_candidates(kept, self.generator)
             q = dense(kept, rows.shape[-1])
         else:
-            picks = rows.argmax(-1)
+            picks = rows.max(-1).indices  # argmax (first index on ties), faster on CPU
         # Rows past a shifted block's end have no draft: token 0 under a one-hot q (a valid
         # proposal, rarely accepted) keeps the draft the block's length.
         picks[ctx.usable_rows:] = 0
