@@ -780,7 +780,8 @@ class Transformer(nn.Module):
             attn_mask = attention_bias(attn_mask, cache.capacity, group)
         # compiled only for cached inference: the engine's shapes (uncached passes are training/eval)
         use_compiled = self._compiled_block is not None and cache is not None and not self.training
-        if self._engine_layers is not None and cache is not None and not self.training and not torch.is_grad_enabled():
+        engine = self._engine_layers is not None and cache is not None and not self.training and not torch.is_grad_enabled()
+        if engine:
             for layer, kv in zip(self._engine_layers, kvs, strict=True):
                 x = engine_block(layer, x, cos, sin, attn_mask, mask_rows, kv, offset)
         else:
@@ -789,7 +790,7 @@ class Transformer(nn.Module):
                 x = run(layer, x, cos, sin, attn_mask, mask_rows, kv, offset)
         if logits_index is not None:
             x = x[:, logits_index]
-        x = self.norm(x)
+        x = kernels.rms_norm(x, self.norm.weight, self.norm.eps) if engine else self.norm(x)
         if return_hidden:
             return x
         return self.head(x)  # (B, T', V)
