@@ -127,6 +127,16 @@ constexpr int VROWS = 4;
 
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
+// QR rows' scores against 16 keys (kt: (D, 16) float32), each row summed over d in order
+template <int QR, int64_t D>
+inline void row_scores(const float* qi, const float* kt, vf* acc) {
+  for (int r = 0; r < QR; ++r) acc[r] = splat(qi[r * D]) * load(kt);
+  for (int64_t d = 1; d < D; ++d) {
+    const vf kd = load(kt + d * L);
+    for (int r = 0; r < QR; ++r) acc[r] = acc[r] + splat(qi[r * D + d]) * kd;
+  }
+}
+
 inline float hmax(vf v) {
   float m = v[0];
   for (int j = 1; j < L; ++j) m = v[j] > m ? v[j] : m;
@@ -182,15 +192,20 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           for (int64_t d = 0; d < D; ++d)
             for (int64_t j = 0; j < L; ++j) kt[d * L + j] = j < nk ? float(kb[d * ks2 + s0 + j]) : 0.0f;
         }
-        // QROWS rows at a time: independent dependency chains (one row's sum over d is sequential);
-        // rows past nr are zeros and never stored
+        // up to QROWS rows at a time: independent dependency chains (one row's sum over d is
+        // sequential, the same whatever the rows beside it)
         for (int64_t i0 = 0; i0 < nr; i0 += QROWS) {
           const float* qi = qf.data() + i0 * D;
           vf acc[QROWS];
-          for (int r = 0; r < QROWS; ++r) acc[r] = splat(qi[r * D]) * load(kt.data());
-          for (int64_t d = 1; d < D; ++d) {
-            const vf kd = load(kt.data() + d * L);
-            for (int r = 0; r < QROWS; ++r) acc[r] = acc[r] + splat(qi[r * D + d]) * kd;
+          switch (std::min<int64_t>(QROWS, nr - i0)) {  // only the rows there are (an AR step has 3 per kv head)
+            case 1: row_scores<1, D>(qi, kt.data(), acc); break;
+            case 2: row_scores<2, D>(qi, kt.data(), acc); break;
+            case 3: row_scores<3, D>(qi, kt.data(), acc); break;
+            case 4: row_scores<4, D>(qi, kt.data(), acc); break;
+            case 5: row_scores<5, D>(qi, kt.data(), acc); break;
+            case 6: row_scores<6, D>(qi, kt.data(), acc); break;
+            case 7: row_scores<7, D>(qi, kt.data(), acc); break;
+            default: row_scores<QROWS, D>(qi, kt.data(), acc);
           }
           for (int64_t i = i0; i < std::min<int64_t>(nr, i0 + QROWS); ++i) {
             vf bv;
