@@ -158,6 +158,12 @@ void configure_tiles(int rows) {
 // chunks the vector and tile work of neighbouring groups overlap (1.1-1.3x a call on SmolLM2's shapes at
 // 1 to 16 rows, 2 threads). y gets the same fmas in the same order either way: the same bits.
 constexpr int AMX_CHUNK = 3;
+// In a decode step the weights stream from memory (a step reads all 56 MB of codes once): the codes 8 groups
+// (4 KB) ahead are requested while a group is converted. All 120 projections, one pass: 1 row 3.5-5.4 vs
+// 7.1-7.3 ms, 7 rows 5.9-7.0 vs 7.7-7.9 (benchmarks/q4_model_pass.py, one process per build, alternating,
+// benchmarks/results/q4-prefetch-2026-12-07.log); in q4_rows.py's loop over one hot weight it stays within
+// noise. Prefetching changes no arithmetic.
+constexpr int PREFETCH_GROUPS = 8;
 template <typename T>
 void tile_amx(int rows, const uint16_t* x, const float* xg, int64_t K, const uint8_t* qw, const uint16_t* dm,
               T* out, int64_t N) {
@@ -182,6 +188,8 @@ void tile_amx(int rows, const uint16_t* x, const float* xg, int64_t K, const uin
     const int n = static_cast<int>(G - g0 < AMX_CHUNK ? G - g0 : AMX_CHUNK);
     for (int c = 0; c < n; ++c) {
       const uint8_t* q = qw + (g0 + c) * 32 * 16;
+      for (int line = 0; line < 8; ++line)  // the codes PREFETCH_GROUPS groups on (past the block's end: the next block's)
+        _mm_prefetch(reinterpret_cast<const char*>(q + PREFETCH_GROUPS * 512 + line * 64), _MM_HINT_T0);
       for (int pr = 0; pr < 16; ++pr) {
         // codes of inputs 2pr and 2pr+1 of the group, interleaved per output (16-bit lane 2j: input 2pr);
         // a lane's low nibble is output j's code, its next four bits output j + 16's
