@@ -34,15 +34,8 @@ import time
 
 from tidar.decode import Decoder
 from tidar.measure.prompts import Prompt, load_prompts
-from tidar.model import quant
-from tidar.model.transformer import FusedLinear
+from tidar.model.transformer import FUSED_PROJECTIONS
 from tidar.runtime import Runtime
-
-
-def fused_projections(model) -> dict[str, list[FusedLinear]]:  # noqa: ANN001
-    layers = model.layers
-    return {"qkv": [x.self_attn.qkv for x in layers], "o": [x.self_attn.o for x in layers],
-            "gate_up": [x.mlp.gate_up for x in layers], "down": [x.mlp.down for x in layers]}
 
 
 def main() -> None:
@@ -73,8 +66,9 @@ def main() -> None:
         chosen = load_prompts(args.prompts, args.start + args.limit, args.data)[args.start:]
     prompts = [rt.encode(x.text, chat=x.chat) for x in chosen for _ in range(args.repeat)]
     names = list(variants)
-    fused = {m: fused_projections(r.model) for m, r in runtimes.items()}
-    adapters = {m: {k: [f.lora_b for f in fs] for k, fs in fm.items()} for m, fm in fused.items()}
+    # each fused projection's kind ("qkv", "o", ...) and whether it has an adapter to switch off
+    kinds = [name for _ in rt.model.layers for _, name, _ in FUSED_PROJECTIONS]
+    adapters = {m: [f.has_adapter for _, f, _ in r.model.fused_projections()] for m, r in runtimes.items()}
     totals = {k: {"s": 0.0, "tokens": 0, "forwards": 0, "rows": 0} for k in names}
     outputs: dict[str, list[list[int]]] = {k: [] for k in names}
     for i, ids in enumerate(prompts):
@@ -82,16 +76,14 @@ def main() -> None:
             overrides = dict(variants[name])
             m = (overrides.pop("model", None), overrides.pop("weights", None))
             rt = runtimes[m]
+            amx, off = overrides.pop("amx", True), set(overrides.pop("adapter_off", ()))
+            for (_, f, _), kind, has in zip(rt.model.fused_projections(), kinds, adapters[m], strict=True):
+                f.has_adapter = has and kind not in off  # off: the projection's base-only path
+                if rt.weights == "q4":
+                    f.q4.amx = amx
+            # packed after the switches: the A rows ride in the q4 call on the AMX path only
             rt.model.pack_weights(overrides.pop("pack", True))
             rt.model.use_kernels(overrides.pop("kernels", True))
-            amx = overrides.pop("amx", True)
-            for _, f, _ in quant.fused_parts(rt.model) if rt.weights == "q4" else ():
-                f.q4.amx = amx
-                f.pack(f.packing)  # the A rows ride in the q4 call on the AMX path only
-            off = set(overrides.pop("adapter_off", ()))
-            for k, fs in fused[m].items():  # a FusedLinear without lora_b takes its base-only path
-                for f, b in zip(fs, adapters[m][k], strict=True):
-                    f.lora_b = None if k in off else b
             dec = Decoder(rt.model, rt.generation_config(max_new_tokens=args.max_new_tokens, **overrides))
             t = time.perf_counter()
             toks = [tok for out in dec.stream([ids]) for tok in out[0]]

@@ -19,7 +19,6 @@ import time
 import torch
 
 from tidar.measure.profile import forward_steps
-from tidar.model import quant
 from tidar.runtime import Runtime
 
 
@@ -32,7 +31,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rt = Runtime.load(None, weights="q4")
-    fused = [f for _, f, _ in quant.fused_parts(rt.model)]
+    fused = [f for _, f, _ in rt.model.fused_projections()]
 
     # each state's matmuls built once, then swapped in: a re-pack between timings would evict the caches
     states = {}

@@ -310,7 +310,7 @@ def q4_models(seed: int, dtype: torch.dtype) -> tuple[Transformer, Transformer]:
 
 
 def fused_parts(model: Transformer) -> list:
-    return [f for _, f, _ in quant.fused_parts(model)]
+    return [f for _, f, _ in model.fused_projections()]
 
 
 @needs_kernel

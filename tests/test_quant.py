@@ -149,7 +149,7 @@ def test_greedy_tidar_equals_ar_on_q4_weights(dtype, use_kernels):
     model.use_kernels(use_kernels)
     assert all(f.q4 is not None for layer in model.layers for f in (layer.self_attn.qkv, layer.mlp.down))
     # bf16 on AMX: the A rows ride in the projections' own call (with_rows)
-    assert all((f.q4_full is not None) == (quant.amx() and dtype == torch.bfloat16) for _, f, _ in quant.fused_parts(model))
+    assert all((f.q4_full is not None) == (quant.amx() and dtype == torch.bfloat16) for _, f, _ in model.fused_projections())
     assert_tidar_equals_ar_alone_and_batched(model, prompts(4, seed=9))
 
 
@@ -238,7 +238,7 @@ def test_smollm2_gguf_blocks_give_the_converted_checkpoints_weights():
 def test_a_checkpoint_not_from_a_gguf_runs_dense_and_refuses_q4(base_dir):
     assert weights.gguf_source(base_dir) is None
     model, taken = weights.load_for_inference(base_dir, torch.float32)
-    assert taken == "dense" and all(f.q4 is None for _, f, _ in quant.fused_parts(model))
+    assert taken == "dense" and all(f.q4 is None for _, f, _ in model.fused_projections())
     with pytest.raises(weights.WeightsError, match="not from a GGUF; use --weights dense"):
         weights.load_for_inference(base_dir, torch.float32, "q4")
     with pytest.raises(weights.WeightsError, match="weights must be one of q4, dense, got 'int8'"):
@@ -278,4 +278,4 @@ def test_the_shipped_model_runs_q4_by_default_and_greedy_tidar_equals_ar():
     tidar_out = rt.generate_ids([ids], rt.generation_config(max_new_tokens=48))[0]
     assert tidar_out.tokens == ar_out.tokens and tidar_out.stats["tokens_per_forward"] > 1.0
     dense = Runtime.load(weights="dense")
-    assert dense.weights == "dense" and all(f.q4 is None for _, f, _ in quant.fused_parts(dense.model))
+    assert dense.weights == "dense" and all(f.q4 is None for _, f, _ in dense.model.fused_projections())

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from tidar.model import kernels
-from tidar.model.transformer import FusedLinear, Transformer
+from tidar.model.transformer import Transformer
 
 GROUP = 32  # inputs per Q4_1 block
 BLOCK_BYTES = 20  # float16 d, float16 m, 16 bytes of 4-bit codes
@@ -189,11 +189,6 @@ def gguf_blocks(reader: object, layer: int, part: str, model: Transformer) -> np
     return raw
 
 
-def fused_parts(model: Transformer) -> list[tuple[int, FusedLinear, list[str]]]:
-    """(layer, fused projection, its parts' names) of a fused model (`Transformer.fused_projections`)."""
-    return [(i, fused, list(parts)) for i, fused, parts in model.fused_projections()]
-
-
 @torch.no_grad()
 def quantize_q4_(model: Transformer, source: object | str | Path | None = None,
                  release_dense: bool = False) -> Transformer:
@@ -217,7 +212,7 @@ def quantize_q4_(model: Transformer, source: object | str | Path | None = None,
         from gguf import GGUFReader
 
         source = GGUFReader(source)
-    for i, fused, parts in fused_parts(model):
+    for i, fused, parts in model.fused_projections():
         layer = model.layers[i]
         raws = [gguf_blocks(source, i, p, model) if source is not None
                 else quantize_q4_1(getattr(layer.self_attn if hasattr(layer.self_attn, p) else layer.mlp, p).weight)

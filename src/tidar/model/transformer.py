@@ -178,7 +178,8 @@ class FusedLinear(nn.Module):
         self.col_bounds = [sum(self.sizes[:i]) for i in range(len(parts) + 1)]
         self.rank_bounds = [sum(p.lora_a.shape[0] for p in parts[:i]) for i in range(len(parts) + 1)] if has_lora else []
         self.register_buffer("lora_bt", lora_bt, persistent=False)  # (sum r, sum out): `kernels.lora_add_`'s layout
-        # plain flags for the per-step path (a buffer lookup goes through nn.Module.__getattr__)
+        # plain flags for the per-step path (a buffer lookup goes through nn.Module.__getattr__);
+        # has_adapter is the one switch for the [MASK]-row branch (an A/B may turn it off)
         self.has_adapter, self.has_bias = has_lora, bias is not None
         self.kernels = False  # add the [MASK]-row branch with the compiled kernel (Transformer.use_kernels)
         # oneDNN-packed copies (see `pack_weight`): plain attributes, never saved or moved
@@ -203,7 +204,7 @@ class FusedLinear(nn.Module):
 
     def pack(self, enable: bool = True) -> None:
         """Pre-pack the weights for CPU inference (or drop the packed copies: enable=False)."""
-        lora, dense = self.lora_b is not None, self.q4 is None
+        lora, dense = self.has_adapter, self.q4 is None
         self.packing = enable
         self.packed_base = pack_weight(self.weight[: self.n_out]) if enable and dense else None
         self.packed_full = pack_weight(self.weight) if enable and lora and dense else None
@@ -608,7 +609,7 @@ class Transformer(nn.Module):
         compiled kernels (`tidar.model.kernels`) where they build. Call after the last `.to()`
         and after loading weights: the fused adapter and the packed weights are copies; training
         ignores the fused path. `q4`: each fused projection's base matmul on 4-bit blocks, in the
-        order of `FUSED_PROJECTIONS` layer by layer (`quant.fused_parts`'s); the dense base is then
+        order of `FUSED_PROJECTIONS` layer by layer (`fused_projections`'s); the dense base is then
         neither read nor kept (`drop_dense_base`), as after `quantize_q4_(release_dense=True)`."""
         if self.dense_released and q4 is None:
             raise DenseReleasedError(DENSE_RELEASED)

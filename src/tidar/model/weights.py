@@ -344,9 +344,9 @@ def _load_q4(name: str | Path | None, dtype: torch.dtype, gguf: Path) -> Transfo
     blocks = _read_q4_entry(entry)
     if blocks is not None:
         model = load_model(name, dtype=dtype, dense_base=False)
-        if len(blocks) == len(quant.fused_parts(model)):  # else an entry of another model: rebuilt below
+        if len(blocks) == len(model.fused_projections()):  # else an entry of another model: rebuilt below
             model.fuse_for_inference(pack=False, q4=blocks)
-            for i, fused, _ in quant.fused_parts(model):
+            for i, fused, _ in model.fused_projections():
                 if fused.q4.shape != (fused.n_out, fused.weight.shape[1]):
                     raise quant.QuantError(f"layer {i}: cached blocks of shape {fused.q4.shape} for {fused.n_out} x "
                                            f"{fused.weight.shape[1]}; delete {entry}")
@@ -368,7 +368,7 @@ def _q4_entry(gguf: Path) -> Path:
 
 
 def _read_q4_entry(entry: Path) -> list[quant.Q4Weight] | None:
-    """The blocks of each fused projection (`quant.fused_parts`'s order), or None where the entry is
+    """The blocks of each fused projection (`Transformer.fused_projections`'s order), or None where the entry is
     missing or unreadable (then rebuilt)."""
     try:
         state = read_safetensors(entry)
@@ -381,7 +381,7 @@ def _read_q4_entry(entry: Path) -> list[quant.Q4Weight] | None:
 
 
 def _write_q4_entry(entry: Path, model: Transformer) -> None:
-    blocks = {f"{k}.{f}": getattr(fused.q4, f) for k, (_, fused, _) in enumerate(quant.fused_parts(model))
+    blocks = {f"{k}.{f}": getattr(fused.q4, f) for k, (_, fused, _) in enumerate(model.fused_projections())
               for f in ("qw", "dm")}
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
